@@ -1,0 +1,23 @@
+"""LoRA Lab core: read, detect, normalise and apply every LoRA-family file. No ComfyUI import.
+
+Typical standalone use::
+
+    from lora import read, parse, match, apply
+    f = read("my_lora.safetensors")
+    parsed = parse(f.tensors, file=f.name)
+    m = match(parsed, key_map, file=f.name, n_file_keys=len(f.tensors))
+    handle = apply(model, [(t.key, t.adapter, 0.8) for t in m.targets])
+    ...
+    handle.restore()
+"""
+from .adapters import ADAPTERS, Parsed, names as adapter_names, parse, register
+from .adapters.base import Adapter
+from .errors import LoraError
+from .io import LoraFile, read, write
+from .keys import canonical, guess_file_arch
+from .patch import Match, Patched, Target, apply, match
+
+__all__ = [
+    "ADAPTERS", "Adapter", "LoraError", "LoraFile", "Match", "Parsed", "Patched", "Target",
+    "adapter_names", "apply", "canonical", "guess_file_arch", "match", "parse", "read", "register", "write",
+]

@@ -1,0 +1,113 @@
+"""Reading and writing LoRA files: safetensors with metadata, pickle only when it is plain tensors.
+
+Every failure is a LoraError naming the file; nothing here writes anywhere but the target path,
+and ``write`` is atomic (temporary file in the same folder, fsync, rename).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import LoraError, check_finite
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class LoraFile:
+    path: str
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def read(path: str, *, check: bool = True) -> LoraFile:
+    """Load every tensor (on the CPU) and the header metadata of a LoRA file."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise LoraError("no such file", file=path)
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        tensors, metadata = _read_pickle(path), {}
+    else:
+        tensors, metadata = _read_safetensors(path)
+    if not tensors:
+        raise LoraError("the file holds no tensors", file=name)
+    if check:
+        for k, t in tensors.items():
+            check_finite(t, what="factor", file=name, key=k)
+    return LoraFile(path, tensors, metadata)
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    name = os.path.basename(path)
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+        if len(head) < 8:
+            raise LoraError(f"file is {size} bytes long, too short to be safetensors (truncated?)", file=name)
+        header_len = int.from_bytes(head, "little")
+        if header_len + 8 > size:
+            raise LoraError(f"header claims {header_len} bytes but the file has only {size - 8} after it "
+                            "(truncated or not a safetensors file)", file=name)
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except LoraError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LoraError(f"not a valid safetensors file: {e}", file=name) from None
+    return tensors, metadata
+
+
+def _read_pickle(path: str) -> dict[str, torch.Tensor]:
+    name = os.path.basename(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... all mean "refused"
+        raise LoraError("refusing to load this pickle file: it does not load with "
+                        f"torch.load(weights_only=True) ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                        "Convert it to .safetensors", file=name) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise LoraError("pickle file is not a flat dict of tensors", file=name)
+    return dict(obj)
+
+
+def write(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write safetensors atomically: a reader sees the old file or the whole new one, never a part."""
+    from safetensors.torch import save_file
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise LoraError(f"folder {folder!r} does not exist", file=path)
+    if not os.access(folder, os.W_OK):
+        raise LoraError(f"folder {folder!r} is not writable", file=path)
+    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(data, tmp, metadata=meta)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise LoraError(f"could not write: {e}", file=path) from None
+        raise
+    return path

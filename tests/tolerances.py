@@ -1,0 +1,32 @@
+"""The one tolerance table. Every numeric comparison in the suite takes its bound from here.
+
+rel  = max|a - b| / max|b|   (max relative error, as the issues specify it)
+Values are the loosest error the comparison may show; each says why it is not zero.
+"""
+import torch
+
+TOL = {
+    # Same formula, same fp32 ops, different order of summation (matmul blocking, einsum paths).
+    "fp32": 1e-6,
+    # ComfyUI core vs LoRA Lab on the same file, fp32 checkpoint (the issue's bar).
+    "core_parity_fp32": 1e-6,
+    # Results rounded once to half precision: one ulp of fp16 / bf16 at |w| ~ 1.
+    "fp16": 1e-3,
+    "bf16": 8e-3,
+    # Bypass (forward-pass) vs merged weights: different summation order of the same products.
+    "bypass_fp32": 1e-5,
+    "bypass_fp16": 2e-3,
+    "bypass_bf16": 2e-2,
+    # Cross-checks against producing libraries (lycoris-lora, PEFT): their fp32 math vs ours.
+    "reference_fp32": 1e-5,
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def tol_for(dtype: torch.dtype, kind: str = "") -> float:
+    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    return TOL[f"{kind}_{name}" if kind else name]

@@ -111,3 +111,20 @@ def write(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
             raise LoraError(f"could not write: {e}", file=path) from None
         raise
     return path
+
+
+def resolve_in(folders: list[str], name: str) -> str:
+    """Full path of ``name`` inside one of ``folders``; refuses names that try to leave them.
+
+    ``name`` is what a loader combo holds: a path relative to a loras folder, subfolders allowed.
+    Absolute paths and ``..`` components are refused outright rather than silently rewritten,
+    so a crafted API prompt gets a clear error instead of some other file.
+    """
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
+        raise LoraError("lora_name must be a file inside the loras folders (no absolute path, no '..')", file=name)
+    for folder in folders:
+        full = os.path.join(folder, *parts)
+        if os.path.isfile(full):
+            return full
+    raise LoraError(f"not found in the loras folders ({', '.join(folders) or 'none configured'})", file=name)

@@ -14,6 +14,7 @@ from ..errors import LoraError
 from .base import COMMON_ROLES, Adapter
 from .full import Diff, DiffBias, NormBias, NormWeight, SetWeight
 from .lora import LoRA
+from ..peft_meta import alpha_equiv, peft_configs
 
 ADAPTERS: dict[str, type[Adapter]] = {}
 # suffix -> (adapter class or None for roles every algorithm may carry, role); longest suffix first
@@ -111,7 +112,10 @@ def build(m: Module, *, file: str | None = None, options: dict | None = None) ->
 
 
 def parse(sd: dict[str, torch.Tensor], *, file: str | None = None, options: dict | None = None) -> Parsed:
+    """``options``: ``metadata`` (the file header, for PEFT alphas), algorithm options (``dyn_rank``)."""
+    options = options or {}
     modules, unknown = group(sd, file)
+    _peft_alphas(modules, options.get("metadata"))
     out: dict[str, list[Adapter]] = {}
     keys: dict[str, list[str]] = {}
     for prefix, m in modules.items():
@@ -122,6 +126,23 @@ def parse(sd: dict[str, torch.Tensor], *, file: str | None = None, options: dict
         else:  # only shared roles (a stray .alpha): nothing to apply
             unknown.extend(m.keys.values())
     return Parsed(out, keys, sorted(unknown))
+
+
+def _peft_alphas(modules: dict[str, Module], metadata: dict | None) -> None:
+    """Give PEFT modules without ``.alpha`` keys the alpha their header's LoraConfig implies."""
+    configs = peft_configs(metadata or {})
+    if not configs:
+        return
+    for m in modules.values():
+        down = m.factors.get("down")
+        if "alpha" in m.factors or down is None or not m.keys.get("down", "").endswith(_PEFT_DOWN):
+            continue
+        a = alpha_equiv(configs, m.prefix, down.shape[0])
+        if a is not None:
+            m.factors["alpha"] = torch.tensor(a)
+
+
+_PEFT_DOWN = (".lora_A.weight", ".lora_A.default.weight", ".lora_A")
 
 
 def names() -> list[str]:

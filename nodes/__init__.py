@@ -1,0 +1,26 @@
+"""ComfyUI node classes. Each module defines NODES = {node id: (class, display name)}; a module
+that fails to import (e.g. an optional dependency missing) is logged and skipped, so one broken
+feature never takes the whole pack down."""
+from __future__ import annotations
+
+import importlib
+import logging
+
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+
+for _name in ("loaders", "train", "save"):
+    try:
+        _mod = importlib.import_module(f".{_name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name == f"{__name__}.{_name}":
+            continue  # module not present in this version of the pack
+        logging.getLogger("LoRA Lab").exception("LoRA Lab: could not load nodes/%s.py", _name)
+        continue
+    except Exception:
+        logging.getLogger("LoRA Lab").exception("LoRA Lab: could not load nodes/%s.py", _name)
+        continue
+    for _id, (_cls, _display) in _mod.NODES.items():
+        assert _id.startswith("LoraLab"), f"node id {_id!r} must start with LoraLab (core ids are dropped)"
+        NODE_CLASS_MAPPINGS[_id] = _cls
+        NODE_DISPLAY_NAME_MAPPINGS[_id] = _display

@@ -1,0 +1,164 @@
+"""Glue between LoRA Lab's core and ComfyUI's model objects. The only place (with the node
+modules) that imports ``comfy``.
+
+Weights are changed through ComfyUI's own ModelPatcher (``add_patches``), so offloading,
+lowvram partial loading, hooks and model reuse keep working; our adapters are wrapped as
+ComfyUI weight adapters whose ``calculate_weight`` runs LoRA Lab's math.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+import comfy.lora
+import comfy.utils
+from comfy.weight_adapter.base import WeightAdapterBase
+
+from ..lora import LoraError, guess_file_arch, match, parse, read
+from ..lora.adapters.base import Adapter
+from ..lora.keys import canonical
+
+log = logging.getLogger("LoRA Lab")
+
+_ARCH_NAMES = {"SD15": "SD1.5", "SD20": "SD2.x", "SD21UnclipL": "SD2.x", "SD21UnclipH": "SD2.x",
+               "SDXL": "SDXL", "SDXLRefiner": "SDXL Refiner", "SSD1B": "SDXL", "Segmind_Vega": "SDXL",
+               "SD3": "SD3", "Flux": "Flux", "FluxSchnell": "Flux"}
+
+
+def _is_identity(function) -> bool:
+    probe = torch.empty(0)
+    try:
+        return function is None or function(probe) is probe
+    except Exception:
+        return False
+
+
+class ComfyPatch(WeightAdapterBase):
+    """A LoRA Lab adapter in the shape ComfyUI's ModelPatcher expects.
+
+    ``calculate_weight`` always works in float32 and writes the result back into the tensor it
+    was handed (ComfyUI relies on in-place updates for offset/narrowed keys and returns the
+    tensor in its own dtype on the lowvram path), instead of core's half-precision math there.
+    """
+
+    def __init__(self, adapter: Adapter):
+        self.adapter = adapter
+        self.name = adapter.name
+        self.loaded_keys = set()
+        self.weights = []
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weights=None):
+        if strength == 0.0:
+            return weight
+        work = weight if weight.dtype == torch.float32 else weight.to(torch.float32)
+        if _is_identity(function):
+            out = self.adapter.apply_(work, strength)
+        else:
+            patched = self.adapter.apply_(work.clone(), strength)
+            out = work.add_(function(patched - work))
+        if out is not weight:
+            weight.copy_(out)
+        return weight
+
+    def __repr__(self):
+        return f"ComfyPatch({self.adapter!r})"
+
+
+@dataclass
+class Report:
+    text: str
+    patched_model: int = 0
+    patched_clip: int = 0
+
+
+def model_arch(model) -> str | None:
+    if model is None:
+        return None
+    cls = type(model.model.model_config).__name__
+    return _ARCH_NAMES.get(cls, cls)
+
+
+def key_map(model, clip) -> dict:
+    km: dict = {}
+    if model is not None:
+        km = comfy.lora.model_lora_keys_unet(model.model, km)
+    if clip is not None:
+        km = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, km)
+    return km
+
+
+def _target_shape(root: torch.nn.Module, key) -> torch.Size | None:
+    name, offset = (key, None) if isinstance(key, str) else (key[0], key[1])
+    try:
+        t = comfy.utils.get_attr(root, name)
+    except AttributeError:
+        return None
+    shape = list(t.shape)
+    if offset is not None:
+        shape[offset[0]] = offset[2]
+    return torch.Size(shape)
+
+
+def load_lora(model, clip, path: str, strength_model: float, strength_clip: float, *,
+              options: dict | None = None, cache: dict | None = None) -> tuple[object, object, Report]:
+    """Patch clones of ``model`` / ``clip`` with the LoRA at ``path``; inputs are never mutated.
+
+    Raises LoraError (naming file, key and shapes) before anything is cloned when the file is
+    unreadable or a factor does not fit its target.
+    """
+    name = os.path.basename(path)
+    parsed, n_keys, shapes = _parsed(path, options or {}, cache)
+    use_model = model is not None and strength_model != 0.0
+    use_clip = clip is not None and strength_clip != 0.0
+    km = key_map(model, clip)
+    skip = () if clip is not None else ("lora_te",)
+    m = match(parsed, km, file=name, n_file_keys=n_keys, skip=skip)
+
+    roots = []
+    if model is not None:
+        roots.append(model.model)
+    if clip is not None:
+        roots.append(clip.cond_stage_model)
+    patches = {}
+    for t in m.targets:
+        shape = next((s for s in (_target_shape(r, t.key) for r in roots) if s is not None), None)
+        if shape is not None:
+            t.adapter.check_target(shape, t.key if isinstance(t.key, str) else t.key[0])
+        patches[t.key] = ComfyPatch(t.adapter)
+
+    new_model, new_clip = model, clip
+    n_model = n_clip = 0
+    if use_model:
+        new_model = model.clone()
+        n_model = len(new_model.add_patches(patches, strength_model))
+    if use_clip:
+        new_clip = clip.clone()
+        n_clip = len(new_clip.add_patches(patches, strength_clip))
+
+    text = m.summary(model_arch(model), guess_file_arch(shapes))
+    text += f"\npatched {n_model} model tensor(s) at strength {strength_model:g}"
+    if clip is not None:
+        text += f", {n_clip} text-encoder tensor(s) at strength {strength_clip:g}"
+    elif any(canonical(p).startswith("lora_te") for p in parsed.modules):
+        n_te = sum(canonical(p).startswith("lora_te") for p in parsed.modules)
+        text += f"; {n_te} text-encoder module(s) ignored (no CLIP input)"
+    (log.info if m.ok and not m.unmatched and not m.unknown else log.warning)("%s", text)
+    return new_model, new_clip, Report(text, n_model, n_clip)
+
+
+def _parsed(path: str, options: dict, cache: dict | None):
+    st = os.stat(path)
+    ident = (path, st.st_mtime_ns, st.st_size, tuple(sorted(options.items())))
+    if cache is not None and cache.get("ident") == ident:
+        return cache["value"]
+    f = read(path)
+    parsed = parse(f.tensors, file=f.name, options={**options, "metadata": f.metadata})
+    value = (parsed, len(f.tensors), {k: tuple(v.shape) for k, v in f.tensors.items()})
+    if cache is not None:
+        cache.clear()
+        cache.update(ident=ident, value=value)
+    return value

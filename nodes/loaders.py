@@ -1,0 +1,104 @@
+"""Loader nodes: LoRA files from ComfyUI's loras folders onto MODEL / CLIP."""
+from __future__ import annotations
+
+import folder_paths
+
+from ..lora.io import resolve_in
+from . import comfy_model
+
+STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
+REPORT_TOOLTIP = ("What was loaded: how many of the file's keys matched this model, which did not, "
+                  "and how many tensors were patched.")
+
+
+def _lora_names() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def _optional() -> dict:
+    return {
+        "dyn_rank": ("INT", {"default": 0, "min": 0, "max": 4096, "advanced": True,
+                             "tooltip": "DyLoRA files only: the rank to use (like A1111's dyn=). "
+                                        "0 uses every rank stored in the file."}),
+    }
+
+
+def _load(node, model, clip, lora_name, strength_model, strength_clip, dyn_rank=0):
+    if strength_model == 0 and strength_clip == 0:
+        text = f"{lora_name}: strengths are 0, model and CLIP passed through unchanged"
+        return model, clip, text
+    path = resolve_in(folder_paths.get_folder_paths("loras"), lora_name)
+    options = {"dyn_rank": dyn_rank} if dyn_rank else {}
+    model, clip, report = comfy_model.load_lora(model, clip, path, strength_model, strength_clip,
+                                                options=options, cache=node._cache)
+    return model, clip, report.text
+
+
+class LoraLabLoadLoRA:
+    DESCRIPTION = ("Apply a LoRA-family file (LoRA, LoCon, LoHa, LoKr, IA3, GLoRA, OFT, BOFT, DyLoRA, DoRA, "
+                   "full diffs; kohya, diffusers, PEFT or ComfyUI naming) to the diffusion model and the text "
+                   "encoder. Reports how many of the file's keys matched. Chain several for a stack.")
+    CATEGORY = "loaders/LoRA Lab"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
+    RETURN_NAMES = ("MODEL", "CLIP", "report")
+    OUTPUT_TOOLTIPS = ("The diffusion model with the LoRA applied (a patched clone; the input is untouched).",
+                       "The text encoder with the LoRA applied (a patched clone; the input is untouched).",
+                       REPORT_TOOLTIP)
+
+    def __init__(self):
+        self._cache: dict = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model the LoRA will be applied to."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder (CLIP) the LoRA will be applied to."}),
+                "lora_name": (_lora_names(), {"tooltip": "A file from ComfyUI's loras folders (subfolders included)."}),
+                "strength_model": ("FLOAT", {**STRENGTH, "tooltip": "How strongly to change the diffusion model. "
+                                             "Negative values invert the LoRA; 0 leaves the model as it is."}),
+                "strength_clip": ("FLOAT", {**STRENGTH, "tooltip": "How strongly to change the text encoder. "
+                                            "Negative values invert the LoRA; 0 leaves CLIP as it is."}),
+            },
+            "optional": _optional(),
+        }
+
+    def load(self, model, clip, lora_name, strength_model, strength_clip, dyn_rank=0):
+        model, clip, text = _load(self, model, clip, lora_name, strength_model, strength_clip, dyn_rank)
+        return {"ui": {"text": [text]}, "result": (model, clip, text)}
+
+
+class LoraLabLoraLoaderModelOnly:
+    DESCRIPTION = "Apply a LoRA-family file to the diffusion model only (text-encoder keys are ignored)."
+    CATEGORY = "loaders/LoRA Lab"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("MODEL", "report")
+    OUTPUT_TOOLTIPS = ("The diffusion model with the LoRA applied (a patched clone; the input is untouched).",
+                       REPORT_TOOLTIP)
+
+    def __init__(self):
+        self._cache: dict = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model the LoRA will be applied to."}),
+                "lora_name": (_lora_names(), {"tooltip": "A file from ComfyUI's loras folders (subfolders included)."}),
+                "strength_model": ("FLOAT", {**STRENGTH, "tooltip": "How strongly to change the diffusion model. "
+                                             "Negative values invert the LoRA; 0 leaves the model as it is."}),
+            },
+            "optional": _optional(),
+        }
+
+    def load(self, model, lora_name, strength_model, dyn_rank=0):
+        model, _, text = _load(self, model, None, lora_name, strength_model, 0.0, dyn_rank)
+        return {"ui": {"text": [text]}, "result": (model, text)}
+
+
+NODES = {
+    "LoraLabLoadLoRA": (LoraLabLoadLoRA, "Load LoRA (LoRA Lab)"),
+    "LoraLabLoraLoaderModelOnly": (LoraLabLoraLoaderModelOnly, "Load LoRA, model only (LoRA Lab)"),
+}

@@ -7,13 +7,17 @@ ComfyUI weight adapters whose ``calculate_weight`` runs LoRA Lab's math.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
 
 import comfy.lora
+import comfy.model_patcher
 import comfy.utils
 from comfy.weight_adapter.base import WeightAdapterBase
 
@@ -66,6 +70,89 @@ class ComfyPatch(WeightAdapterBase):
 
     def __repr__(self):
         return f"ComfyPatch({self.adapter!r})"
+
+
+_Backup = collections.namedtuple("Backup", ["weight", "inplace_update"])  # what unpatch_model reads
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _Scratch(threading.local):
+    """One float32 work buffer per device, alive only while a patcher loads (see FastPatch.load)."""
+    depth = 0
+    buffers: dict
+
+    def get(self, device: torch.device, shape: torch.Size) -> torch.Tensor:
+        if self.depth == 0:   # used outside a load(): no reuse, plain temporary
+            return torch.empty(shape, dtype=torch.float32, device=device)
+        buf = self.buffers.get(device)
+        if buf is None or buf.numel() < shape.numel():
+            buf = self.buffers[device] = torch.empty(shape.numel(), dtype=torch.float32, device=device)
+        return buf[: shape.numel()].view(shape)
+
+
+_scratch = _Scratch()
+
+
+class FastPatch:
+    """Mixin for a ModelPatcher clone that carries LoRA Lab patches.
+
+    Everything stays ComfyUI's: the same ``patches`` dict, ``backup`` entries and
+    ``unpatch_model``, the lowvram path (LowVramPatch calling ComfyPatch). Only a full-weight
+    patch made entirely of our adapters takes a faster route: the weight is converted into one
+    reused float32 buffer, LoRA factors are accumulated into it in place (no ΔW-sized temporary),
+    and it is written once into a new tensor of the weight's dtype. Core allocates a float32 copy,
+    a ΔW, a scaled ΔW and the result for every weight; those page faults dominate its time.
+    ``clone()`` uses ``self.__class__``, so clones made downstream keep the fast route.
+    """
+
+    def load(self, *args, **kwargs):
+        _scratch.depth += 1
+        if _scratch.depth == 1:
+            _scratch.buffers = {}
+        try:
+            return super().load(*args, **kwargs)
+        finally:
+            _scratch.depth -= 1
+            if _scratch.depth == 0:
+                _scratch.buffers = {}
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+        patches = self.patches.get(key)
+        if not patches or not all(isinstance(p[1], ComfyPatch) and p[2] == 1.0 and p[3] is None and p[4] is None
+                                  for p in patches):
+            return super().patch_weight_to_device(key, device_to, inplace_update)
+        weight, set_func, convert_func = comfy.model_patcher.get_key_weight(self.model, key)
+        if set_func is not None or convert_func is not None or weight.dtype not in _FLOATS:
+            return super().patch_weight_to_device(key, device_to, inplace_update)
+        inplace_update = self.weight_inplace_update or inplace_update
+        if key not in self.backup:
+            self.backup[key] = _Backup(weight.to(device=self.offload_device, copy=inplace_update), inplace_update)
+        device = weight.device if device_to is None else torch.device(device_to)
+        work = _scratch.get(device, weight.shape)
+        work.copy_(weight)
+        for strength, patch, *_ in patches:
+            if strength != 0.0:
+                work = patch.adapter.apply_(work, strength)
+        if inplace_update:
+            comfy.utils.copy_to_param(self.model, key, work)
+        else:
+            out = torch.empty(weight.shape, dtype=weight.dtype, device=device)
+            out.copy_(work)
+            comfy.utils.set_attr_param(self.model, key, out)
+
+
+_fast_classes: dict[type, type] = {}
+
+
+def fast_patcher(patcher):
+    """Give a (freshly cloned, ours) ModelPatcher the FastPatch route; returns it."""
+    cls = type(patcher)
+    if not issubclass(cls, FastPatch):
+        sub = _fast_classes.get(cls)
+        if sub is None:
+            sub = _fast_classes[cls] = type(f"LoraLab{cls.__name__}", (FastPatch, cls), {})
+        patcher.__class__ = sub
+    return patcher
 
 
 @dataclass
@@ -133,10 +220,11 @@ def load_lora(model, clip, path: str, strength_model: float, strength_clip: floa
     new_model, new_clip = model, clip
     n_model = n_clip = 0
     if use_model:
-        new_model = model.clone()
+        new_model = fast_patcher(model.clone())
         n_model = len(new_model.add_patches(patches, strength_model))
     if use_clip:
         new_clip = clip.clone()
+        fast_patcher(new_clip.patcher)
         n_clip = len(new_clip.add_patches(patches, strength_clip))
 
     text = m.summary(model_arch(model), guess_file_arch(shapes))

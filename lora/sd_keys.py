@@ -16,14 +16,16 @@ The model may be named in any of these ways (one dict may mix components, e.g. a
 Names produced for a weight ``<prefix><path>.weight``:
 
 - the raw module path ``<prefix><path>`` (for every ``.weight`` key, VAE included);
-- UNet: ``lora_unet_<ldm path>`` and ``lora_unet_<diffusers path>`` (dots -> ``_``) and
-  ``diffusion_model.<ldm path>``; the ldm <-> diffusers block correspondence is read from the keys
-  themselves (levels, resnets per level, which blocks have attention), so reduced models work;
+- UNet: ``lora_unet_<ldm path>`` and ``lora_unet_<diffusers path>`` (dots -> ``_``),
+  ``diffusion_model.<ldm path>`` and the bare diffusers path; the ldm <-> diffusers block
+  correspondence is read from the keys themselves (levels, resnets per level, which blocks have
+  attention), so reduced models work;
 - text encoders: ``lora_te_…`` / ``lora_te1_…`` / ``lora_te2_…`` + the transformers path, as
   kohya and ComfyUI name them: a lone encoder (SD1 CLIP-L, SD2 OpenCLIP-H) answers to ``lora_te_``
-  and ``lora_te1_``; with two (SDXL) CLIP-L answers to ``lora_te_``/``lora_te1_`` and OpenCLIP-G to
-  ``lora_te2_``; plus ComfyUI's generic ``text_encoders.clip_x.transformer.<path>`` where the
-  naming says which CLIP it is.
+  and ``lora_te1_`` (a lone OpenCLIP-G also to ``lora_te2_``); with two (SDXL) CLIP-L answers to
+  ``lora_te_``/``lora_te1_`` and OpenCLIP-G to ``lora_te2_``; plus ComfyUI's generic
+  ``text_encoders.clip_x.transformer.<path>`` where the prefix or the width says which CLIP it is.
+  OpenCLIP's ``text_projection`` is stored transposed, so no kohya name is given to it.
 
 Diffusers/PEFT file prefixes (``unet.down_blocks…``, ``text_encoder.encoder.layers…``) are not
 listed: ``lora.keys.canonical`` turns them into the kohya names above.
@@ -287,10 +289,7 @@ def _shape_of(keys, shapes, k) -> tuple[int, ...] | None:
     """Shape of ``k`` from ``shapes`` (shapes or tensors), else from ``keys`` if it holds tensors."""
     for source in (shapes, keys):
         if isinstance(source, Mapping) and k in source:
-            s = source[k]
-            s = getattr(s, "shape", s)
-            if isinstance(s, Sequence) or hasattr(s, "__len__"):
-                return tuple(int(n) for n in s)
+            return tuple(int(n) for n in getattr(source[k], "shape", source[k]))
     return None
 
 
@@ -337,47 +336,70 @@ def model_key_map(keys: Iterable[str] | Mapping[str, Any],
     """
     tensors = keys if isinstance(keys, Mapping) else None
     keys = list(keys)
+
+    def shape(k):
+        return _shape_of(tensors, shapes, k)
+
     out: dict[str, KeyTarget] = {}
     for k in keys:                                   # generic: the module path itself
         if k.endswith(".weight"):
             _put(out, k[: -len(".weight")], k)
     unet, te = _split(keys)
     for prefix, inner in unet.items():
-        names = UnetNames(inner)
-        for p in inner:
-            if not p.endswith(".weight"):
-                continue
-            module, key = p[: -len(".weight")], prefix + p
-            if module.split(".", 1)[0] in _LDM_TOP:
-                ldm, diff = module, names.to_diffusers(module)
-            else:
-                ldm, diff = names.to_ldm(module), (module,)
-            if ldm is not None:
-                _put(out, "lora_unet_" + _flat(ldm), key)
-                _put(out, "diffusion_model." + ldm, key)
-            for d in diff:
-                _put(out, "lora_unet_" + _flat(d), key)
+        _unet_names(out, prefix, inner)
     slots = {slot for (_, _, slot, _) in te}
     for (prefix, kind, slot, clip), inner in te.items():
         if 1 in slots and 2 in slots:
             heads = ("lora_te_", "lora_te1_") if slot == 1 else ("lora_te2_",) if slot == 2 else ()
         else:   # a lone encoder: kohya SD1/SD2 use lora_te_, ComfyUI also accepts lora_te1_
             heads = ("lora_te_", "lora_te1_") + (("lora_te2_",) if slot == 2 else ())
-        for p in inner:
-            key = prefix + p
-            if kind == "hf":
-                module = _hf_module(p)
-                found = [(module, key)] if module else []
-            else:
-                found = _openclip_targets(key, p, _shape_of(tensors, shapes, key))
-                if p == "positional_embedding" or p.endswith("in_proj_weight"):
-                    _put(out, key, key)      # parameters without ".weight": the raw name is the key
-            for module, target in found:
-                for head in heads:
-                    _put(out, head + _flat(module), target)
-                if clip:
-                    _put(out, f"text_encoders.{clip}.transformer.{module}", target)
+        _te_names(out, prefix, kind, heads, clip, inner, shape)
     return out
+
+
+def _unet_names(out: dict[str, KeyTarget], prefix: str, inner: list[str]) -> None:
+    names = UnetNames(inner)
+    for p in inner:
+        if not p.endswith(".weight"):
+            continue
+        module, key = p[: -len(".weight")], prefix + p
+        if module.split(".", 1)[0] in _LDM_TOP:
+            ldm, diff = module, names.to_diffusers(module)
+        else:
+            ldm = names.to_ldm(module)
+            diff = tuple(dict.fromkeys((module,) + (names.to_diffusers(ldm) if ldm else ())))
+        if ldm is not None:
+            _put(out, "lora_unet_" + _flat(ldm), key)
+            _put(out, "diffusion_model." + ldm, key)
+        for d in diff:              # kohya diffusers-path names, and the bare diffusers path
+            _put(out, "lora_unet_" + _flat(d), key)
+            _put(out, d, key)
+
+
+# ComfyUI's CLIP names, where the prefix does not say which CLIP it is: the width tells
+_CLIP_BY_WIDTH = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
+
+
+def _te_names(out, prefix, kind, heads, clip, inner, shape) -> None:
+    if clip is None:
+        emb = "token_embedding.weight" if kind == "openclip" else next(
+            (p for p in inner if p.endswith("embeddings.token_embedding.weight")), "")
+        s = shape(prefix + emb)
+        clip = _CLIP_BY_WIDTH.get(s[-1]) if s else None
+    for p in inner:
+        key = prefix + p
+        if kind == "hf":
+            module = _hf_module(p)
+            found = [(module, key)] if module else []
+        else:
+            found = _openclip_targets(key, p, shape(key))
+            if p == "positional_embedding" or p.endswith("in_proj_weight"):
+                _put(out, key, key)      # parameters without ".weight": the raw name is the key
+        for module, target in found:
+            for head in heads:
+                _put(out, head + _flat(module), target)
+            if clip:
+                _put(out, f"text_encoders.{clip}.transformer.{module}", target)
 
 
 # ---- which model is it -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import re
 from typing import Iterable
 
 _TE = {"text_encoder.": "lora_te_", "text_encoder_2.": "lora_te2_"}
-_UNET_BARE = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.",
+_UNET_BARE = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.", "class_embedding.",
               "add_embedding.", "conv_norm_out")
 
 

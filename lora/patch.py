@@ -52,8 +52,13 @@ class Match:
 
 
 def bias_key(key: Any) -> Any:
-    if isinstance(key, str) and key.endswith(".weight"):
-        return key[: -len(".weight")] + ".bias"
+    name = key if isinstance(key, str) else key[0]
+    if name.endswith(".weight"):
+        bias = name[: -len(".weight")] + ".bias"
+        return bias if isinstance(key, str) else (bias,) + tuple(key[1:])
+    if name.endswith("_weight"):   # fused OpenCLIP in_proj_weight -> in_proj_bias
+        bias = name[: -len("_weight")] + "_bias"
+        return bias if isinstance(key, str) else (bias,) + tuple(key[1:])
     return None
 
 
@@ -101,31 +106,67 @@ def tensors_of(obj: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str
     return obj.state_dict(keep_vars=True) if isinstance(obj, torch.nn.Module) else obj
 
 
+def target_view(tensors: Mapping[str, torch.Tensor], key) -> torch.Tensor:
+    """The tensor a key names: ``"a.weight"``, or a slice ``(key, dim, start, length)`` of a fused
+    tensor (OpenCLIP's q/k/v ``in_proj_weight``, see sd_keys)."""
+    name = key if isinstance(key, str) else key[0]
+    t = tensors.get(name)
+    if t is None:
+        return None
+    return t if isinstance(key, str) else t.narrow(key[1], key[2], key[3])
+
+
 @torch.no_grad()
 def apply(obj: torch.nn.Module | Mapping[str, torch.Tensor],
-          changes: Iterable[tuple[str, Adapter, float]]) -> Patched:
+          changes: Iterable[tuple[Any, Adapter, float]]) -> Patched:
     """Add every (key, adapter, strength) change in place; all or nothing.
 
-    All deltas are computed and checked before the first tensor is written, so a bad adapter
+    All results are computed and checked before the first tensor is written, so a bad adapter
     (wrong shape, non-finite result) leaves the model exactly as it was.
     """
     tensors = tensors_of(obj)
-    by_key: dict[str, list[tuple[Adapter, float]]] = {}
+    by_key: dict[Any, list[tuple[Adapter, float]]] = {}
     for key, adapter, strength in changes:
-        if key not in tensors:
+        view = target_view(tensors, key)
+        if view is None:
             raise LoraError(f"model has no tensor {key!r}", file=adapter.file, key=adapter.prefix)
-        adapter.check_target(tensors[key].shape, key)
+        adapter.check_target(view.shape, key if isinstance(key, str) else key[0])
         by_key.setdefault(key, []).append((adapter, strength))
-    new: dict[str, torch.Tensor] = {}
+    new: dict[Any, torch.Tensor] = {}
     for key, items in by_key.items():
-        t = tensors[key]
-        work = t.detach().to(torch.float32, copy=True)
+        work = target_view(tensors, key).detach().to(torch.float32, copy=True)
         for adapter, strength in items:
             work = adapter.apply_(work, strength)
-        check_finite(work, what="patched weight", file=items[0][0].file, key=key)
+        check_finite(work, what="patched weight", file=items[0][0].file, key=str(key))
         new[key] = work
     handle = Patched(tensors)
     for key, work in new.items():
-        handle.backup[key] = tensors[key].detach().clone()
-        tensors[key].copy_(work)
+        name = key if isinstance(key, str) else key[0]
+        if name not in handle.backup:
+            handle.backup[name] = tensors[name].detach().clone()
+        target_view(tensors, key).copy_(work)
     return handle
+
+
+def load_into(obj: torch.nn.Module | Mapping[str, torch.Tensor], path: str, strength: float = 1.0, *,
+              key_map: Mapping[str, Any] | None = None, options: dict | None = None) -> tuple[Patched, Match]:
+    """Standalone one-call use: read ``path``, match it to ``obj`` (SD1.x/SD2.x/SDXL names in any
+    naming, via ``sd_keys.model_key_map`` unless a ``key_map`` is given) and patch in place.
+
+    Returns the restore handle and the match report; raises LoraError when nothing matches.
+    """
+    from .adapters import parse
+    from .io import read
+    from .keys import guess_file_arch
+    from .sd_keys import detect_arch, model_key_map
+
+    tensors = tensors_of(obj)
+    f = read(path)
+    parsed = parse(f.tensors, file=f.name, options={**(options or {}), "metadata": f.metadata})
+    km = key_map if key_map is not None else model_key_map(list(tensors), {k: t.shape for k, t in tensors.items()})
+    m = match(parsed, km, file=f.name, n_file_keys=len(f.tensors))
+    if not m.targets:
+        arch = detect_arch(list(tensors), {k: t.shape for k, t in tensors.items()})
+        raise LoraError(m.summary(arch, guess_file_arch({k: tuple(v.shape) for k, v in f.tensors.items()})),
+                        file=f.name)
+    return apply(tensors, [(t.key, t.adapter, strength) for t in m.targets]), m

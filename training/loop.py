@@ -1,0 +1,357 @@
+"""The training loop, in small steps: dataset -> adapters -> optimizer -> steps -> result.
+
+Everything model-specific comes in from the caller as plain objects:
+
+    targets     {file module name: layer}          layers to adapt (Linear / Conv)
+    denoise     (x_t, σ, cond_indices) -> output   the model's raw network output for a batch
+    objective   Objective                          noise, timesteps and target, as the model defines them
+    on_step     (step, total, loss) -> bool        progress; return True to stop (interrupt)
+
+Determinism: every random draw comes from a CPU generator seeded from (seed, global step,
+micro-batch), and each layer's init from (seed, layer name). The same inputs give the same
+LoRA bit for bit on the CPU, and a run resumed at step N continues exactly as an
+uninterrupted run would (same batches, noise and timesteps for step N+1; same optimizer state).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from . import adapters as ad
+from .errors import TrainingError
+from .metadata import dtype_name
+from .objective import Objective, loss_fn
+from .resume import Resume
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "AdamW": torch.optim.AdamW,
+    "Adam": torch.optim.Adam,
+    "SGD": torch.optim.SGD,
+    "RMSprop": torch.optim.RMSprop,
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+# (min, max) of every numeric input, as the node documents them
+LIMITS = {"batch_size": (1, 10000), "grad_accumulation_steps": (1, 1024), "steps": (1, 100000),
+          "learning_rate": (1e-7, 1.0), "rank": (1, 128), "seed": (0, 0xFFFFFFFFFFFFFFFF)}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 16
+    batch_size: int = 1
+    grad_accumulation_steps: int = 1
+    learning_rate: float = 5e-4
+    rank: int = 8
+    alpha: float = 1.0
+    optimizer: str = "AdamW"
+    loss: str = "MSE"
+    seed: int = 0
+    training_dtype: torch.dtype = torch.bfloat16
+    lora_dtype: torch.dtype = torch.bfloat16
+    algorithm: str = "lora"
+    gradient_checkpointing: bool = True
+
+    def check(self) -> None:
+        for name, (lo, hi) in LIMITS.items():
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise TrainingError(f"{name} = {v} is outside {lo}…{hi}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainingError(f"optimizer {self.optimizer!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
+        loss_fn(self.loss)
+        ad.trainable(self.algorithm)
+        for name in ("training_dtype", "lora_dtype"):
+            if getattr(self, name) not in DTYPES.values():
+                raise TrainingError(f"{name} must be bf16 or fp32, not {getattr(self, name)}")
+
+
+# ---- dataset ----------------------------------------------------------------------------------
+@dataclass
+class Dataset:
+    """Samples grouped by shape (buckets), in model space, on the CPU in float32."""
+    buckets: list[torch.Tensor]        # each (n, C, ...)
+    conds: list[list[int]]             # per bucket: the conditioning index of each sample
+
+    @property
+    def size(self) -> int:
+        return sum(b.shape[0] for b in self.buckets)
+
+
+def make_dataset(latents: Sequence[torch.Tensor], n_conds: int,
+                 process_in: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Dataset:
+    """Flatten latent batches of any sizes into samples, bucket them by shape, bring each bucket into
+    model space with ``process_in`` (the model's latent format), and pair samples with conditionings:
+    one per sample in order, or a single one shared by all."""
+    samples: list[torch.Tensor] = []
+    for t in latents:
+        if t is None or t.numel() == 0:
+            continue
+        samples.extend(t.unbind(0) if t.dim() >= 4 else [t])
+    if not samples:
+        raise TrainingError("no latents to train on: the latents input is empty")
+    if n_conds < 1:
+        raise TrainingError("no conditioning given: connect one per latent, or one for all")
+    if n_conds not in (1, len(samples)):
+        raise TrainingError(f"{len(samples)} latents but {n_conds} conditionings: give one conditioning per "
+                            "latent (in the same order), or a single one for all")
+    by_shape: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_shape.setdefault(tuple(s.shape), []).append(i)
+    buckets, conds = [], []
+    for shape, idx in by_shape.items():
+        b = torch.stack([samples[i] for i in idx]).float()
+        if process_in is not None:
+            b = process_in(b).float()
+        buckets.append(b.contiguous())
+        conds.append([i if n_conds > 1 else 0 for i in idx])
+    return Dataset(buckets, conds)
+
+
+# ---- results ------------------------------------------------------------------------------------
+class TrainedLoRA(dict):
+    """A plain state dict {file key: tensor} (what ComfyUI's LORA_MODEL is), plus ``info`` (what the
+    metadata is built from) and ``optimizer_state`` (tensors, for resume)."""
+
+    def __init__(self, tensors=(), info: dict | None = None, optimizer_state: dict | None = None):
+        super().__init__(tensors)
+        self.info = info or {}
+        self.optimizer_state = optimizer_state
+
+
+@dataclass
+class TrainResult:
+    lora: TrainedLoRA
+    losses: list[float]
+    steps: int                 # total, counting the steps of the LoRA resumed from
+    interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- small steps --------------------------------------------------------------------------------
+def param_table(adapters: dict[str, ad.Trainable]) -> dict[str, nn.Parameter]:
+    """'<module>/<role>' -> parameter, in a fixed order (optimizer state is keyed by these names)."""
+    return {f"{name}/{role}": p for name, a in adapters.items() for role, p in a.factors().items()}
+
+
+def make_optimizer(params: dict[str, nn.Parameter], config: TrainConfig,
+                   state: dict[str, torch.Tensor] | None = None) -> torch.optim.Optimizer:
+    opt = OPTIMIZERS[config.optimizer](list(params.values()), lr=config.learning_rate)
+    if state:
+        load_optimizer_state(opt, params, state)
+    return opt
+
+
+def optimizer_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Flat {'<param name>/<state key>': tensor}, CPU copies."""
+    out = {}
+    for name, p in params.items():
+        for k, v in opt.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                out[f"{name}/{k}"] = v.detach().to("cpu", copy=True)
+    return out
+
+
+def load_optimizer_state(opt, params, state) -> None:
+    names = list(params)
+    per_param: dict[int, dict] = {}
+    for key, v in state.items():
+        name, _, k = key.rpartition("/")
+        if name not in params:
+            raise TrainingError(f"optimizer state names a parameter this LoRA does not have: {name!r}")
+        per_param.setdefault(names.index(name), {})[k] = v
+    sd = opt.state_dict()
+    sd["state"] = per_param
+    opt.load_state_dict(sd)
+
+
+def snapshot(adapters: dict[str, ad.Trainable], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, a in adapters.items():
+        out.update(a.state_dict_for(name, dtype))
+    return out
+
+
+def blocks_to_checkpoint(root: nn.Module, targets: dict[str, nn.Module]) -> list[nn.Module]:
+    """The model's repeated blocks: items of its top-level ModuleLists, plus other top-level children
+    that hold trained layers (e.g. a UNet's middle block). Activations are kept only at their edges."""
+    trained = {id(m) for m in targets.values()}
+    out = []
+    for child in root.children():
+        if isinstance(child, nn.ModuleList):
+            out.extend(child)
+        elif id(child) not in trained and any(id(m) in trained for m in child.modules()):
+            out.append(child)
+    return out
+
+
+@contextlib.contextmanager
+def checkpointed(blocks: Iterable[nn.Module]):
+    """Recompute each block's activations in the backward pass instead of storing them."""
+    saved = []
+    for b in blocks:
+        saved.append((b, b.__dict__.get("forward")))
+        inner = b.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+        b.forward = forward
+    try:
+        yield
+    finally:
+        for b, prev in saved:
+            if prev is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = prev
+
+
+def batches(dataset: Dataset, config: TrainConfig, step: int):
+    """(bucket, sample indices, generator) for each micro-batch of global step ``step`` (0-based).
+    A bucket is chosen in proportion to its size; the generator goes on to draw noise and σ."""
+    sizes = torch.tensor([b.shape[0] for b in dataset.buckets], dtype=torch.float64)
+    for micro in range(config.grad_accumulation_steps):
+        g = torch.Generator().manual_seed(ad.mix(config.seed, step, micro))
+        bucket = int(torch.multinomial(sizes, 1, generator=g)) if len(sizes) > 1 else 0
+        idx = torch.randperm(int(sizes[bucket]), generator=g)[: config.batch_size]
+        yield bucket, idx, g
+
+
+def _device_of(targets: dict[str, nn.Module]) -> torch.device:
+    return next(iter(targets.values())).weight.device
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+def train(*, targets: dict[str, nn.Module], denoise: Callable, objective: Objective, dataset: Dataset,
+          config: TrainConfig, resume: Resume | None = None, root: nn.Module | None = None,
+          checkpoint_blocks: Sequence[nn.Module] | None = None,
+          on_step: Callable[[int, int, float], bool | None] | None = None,
+          info: dict | None = None) -> TrainResult:
+    """Train adapters on ``targets`` for ``config.steps`` optimizer steps; return the LoRA.
+
+    ``root``: the model, frozen for the run (its requires_grad flags are restored after).
+    ``checkpoint_blocks``: blocks to recompute in backward when gradient checkpointing is on
+    (default: ``blocks_to_checkpoint(root, targets)``).
+    Raises TrainingError for bad inputs, and when the loss or the gradients stop being finite;
+    then ``error.result`` is the LoRA as of the last good step.
+    """
+    # ComfyUI runs nodes under inference_mode; everything trained must be made outside it.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train(targets, denoise, objective, dataset, config, resume, root, checkpoint_blocks, on_step, info)
+
+
+def _train(targets, denoise, objective, dataset, config, resume, root, checkpoint_blocks, on_step, info):
+    config.check()
+    if not targets:
+        raise TrainingError("the model has no layers to train (no Linear/Conv layers were selected)")
+    started = time.time()
+    device = _device_of(targets)
+    adapters = ad.build(targets, config.algorithm, config.rank, config.alpha, config.seed, config.lora_dtype,
+                        resume.factors if resume else None)
+    params = param_table(adapters)
+    notes = list(resume.notes) if resume else []
+    opt_state = resume.optimizer_state if resume else None
+    if opt_state and resume.optimizer and resume.optimizer != config.optimizer:
+        notes.append(f"optimizer state is for {resume.optimizer}, training with {config.optimizer}: starting fresh")
+        opt_state = None
+    opt = make_optimizer(params, config, opt_state)
+    start_step = resume.steps if resume else 0
+    losses: list[float] = []
+    done = 0
+    interrupted = False
+    ctx = contextlib.ExitStack()
+
+    def result() -> TrainResult:
+        first = next(iter(adapters.values()))
+        meta = dict(info or {})
+        meta.update(
+            algorithm=first.name, rank=max(a.rank for a in adapters.values()), alpha=first.alpha,
+            has_conv=any(a.spec.is_conv for a in adapters.values()), steps=start_step + done,
+            learning_rate=config.learning_rate, optimizer=config.optimizer, loss=config.loss, seed=config.seed,
+            batch_size=config.batch_size, grad_accumulation_steps=config.grad_accumulation_steps,
+            gradient_checkpointing=config.gradient_checkpointing, training_dtype=dtype_name(config.training_dtype),
+            lora_dtype=dtype_name(config.lora_dtype), num_samples=dataset.size, prediction=objective.prediction,
+            started_at=started, finished_at=time.time(), existing_lora=resume.source if resume else None,
+            resolution=_resolution(dataset),
+        )
+        lora = TrainedLoRA(snapshot(adapters, config.lora_dtype), meta, optimizer_state(opt, params))
+        return TrainResult(lora, losses, start_step + done, interrupted, notes)
+
+    with ctx:
+        if root is not None:
+            flags = [(p, p.requires_grad) for p in root.parameters()]
+            ctx.callback(lambda: [p.requires_grad_(f) for p, f in flags])
+            root.requires_grad_(False)
+        ctx.enter_context(ad.Installed(targets, adapters))
+        if config.gradient_checkpointing:
+            blocks = checkpoint_blocks if checkpoint_blocks is not None else (
+                blocks_to_checkpoint(root, targets) if root is not None else [])
+            ctx.enter_context(checkpointed(blocks))
+        for i in range(config.steps):
+            step = start_step + i
+            try:
+                loss = train_step(adapters, params, opt, dataset, objective, denoise, config, step, device)
+            except TrainingError as e:
+                raise TrainingError(str(e), result=result()) from None
+            done += 1
+            losses.append(loss)
+            if on_step is not None and on_step(i + 1, config.steps, loss):
+                interrupted = True
+                notes.append(f"interrupted after step {start_step + done}; the LoRA as of that step is returned")
+                break
+    for a in adapters.values():
+        a.requires_grad_(False)
+    return result()
+
+
+def train_step(adapters, params, opt, dataset: Dataset, objective: Objective, denoise: Callable,
+               config: TrainConfig, step: int, device: torch.device) -> float:
+    """One optimizer step over ``grad_accumulation_steps`` micro-batches; returns the mean loss.
+    On a non-finite loss or gradient nothing is updated and TrainingError names the step."""
+    opt.zero_grad(set_to_none=True)
+    n = config.grad_accumulation_steps
+    autocast = torch.autocast(device.type, dtype=config.training_dtype,
+                              enabled=config.training_dtype != torch.float32)
+    total = 0.0
+    for bucket, idx, g in batches(dataset, config, step):
+        x0 = dataset.buckets[bucket][idx].to(device)
+        x_t, sigma, target = objective.draw(x0, g)
+        conds = [dataset.conds[bucket][k] for k in idx.tolist()]
+        with autocast:
+            pred = denoise(x_t, sigma, conds)
+        loss = objective.loss(pred.float(), target.float())
+        value = loss.item()
+        if not math.isfinite(value):
+            opt.zero_grad(set_to_none=True)
+            raise TrainingError(f"the loss became {value} at step {step + 1}; training stopped there and the "
+                                f"LoRA as of step {step} is kept (lower the learning rate, or train in fp32)")
+        (loss / n).backward()
+        total += value
+    grads = [p.grad for p in params.values() if p.grad is not None]
+    if grads and not bool(torch.stack(torch._foreach_norm(grads)).float().isfinite().all()):
+        opt.zero_grad(set_to_none=True)
+        raise TrainingError(f"the gradients became non-finite at step {step + 1}; training stopped there and the "
+                            f"LoRA as of step {step} is kept (lower the learning rate, or train in fp32)")
+    opt.step()
+    return total / n
+
+
+def _resolution(dataset: Dataset) -> str | None:
+    """'512x512' of the largest bucket (latent size × 8), for modelspec.resolution."""
+    b = max(dataset.buckets, key=lambda t: t.shape[0])
+    if b.dim() != 4:
+        return None
+    return f"{b.shape[-1] * 8}x{b.shape[-2] * 8}"
+
+
+__all__ = ["DTYPES", "OPTIMIZERS", "Dataset", "TrainConfig", "TrainResult", "TrainedLoRA", "asdict",
+           "blocks_to_checkpoint", "checkpointed", "make_dataset", "train", "train_step"]

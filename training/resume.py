@@ -1,0 +1,101 @@
+"""Continue training from an existing file: its factors, its step count (from metadata, whatever
+the file is called) and, when it carries it, its optimizer state."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..lora.io import LoraFile
+from ..lora.keys import canonical, describe, guess_file_arch
+from . import metadata as meta
+from .adapters import TRAINABLE, LayerSpec
+from .errors import TrainingError
+
+# file suffix -> (algorithm, role), longest first, from the trainable classes
+_SUFFIXES = sorted(((s, cls.name, role) for cls in TRAINABLE.values() for s, role in cls.suffixes.items()),
+                   key=lambda t: -len(t[0]))
+
+
+@dataclass
+class Resume:
+    source: str                                     # file name, for messages and metadata
+    factors: dict[str, dict[str, torch.Tensor]]     # target name -> role -> tensor (incl. "alpha")
+    steps: int = 0
+    optimizer: str | None = None
+    optimizer_state: dict[str, torch.Tensor] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _split(key: str) -> tuple[str, str, str] | None:
+    """'x.lora_up.weight' -> ('x', 'lora', 'up'); alpha -> ('x', '', 'alpha')."""
+    if key.endswith(".alpha"):
+        return key[: -len(".alpha")], "", "alpha"
+    for suffix, algo, role in _SUFFIXES:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)], algo, role
+    return None
+
+
+def load(file: LoraFile, targets: Mapping[str, nn.Module], algorithm: str, arch: str | None) -> Resume:
+    """Match ``file`` against the layers being trained; refuse it when it is for another model
+    or another algorithm, naming what differs."""
+    name = file.name
+    file_arch = meta.read_architecture(file.metadata)
+    if arch and file_arch and file_arch != "unknown" and file_arch != arch:
+        raise TrainingError(f"existing_lora was trained for {file_arch!r}, this model is {arch!r}", file=name)
+
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    algos: dict[str, set[str]] = {}
+    unknown = []
+    for key, t in file.tensors.items():
+        hit = _split(key)
+        if hit is None:
+            unknown.append(key)
+            continue
+        prefix, algo, role = hit
+        modules.setdefault(prefix, {})[role] = t
+        if algo:
+            algos.setdefault(algo, set()).add(prefix)
+    if unknown:
+        raise TrainingError(f"existing_lora has {len(unknown)} key(s) that no trainable algorithm continues "
+                            f"(e.g. full '.diff' / '.diff_b' tensors or DoRA scales): {describe(unknown)}", file=name)
+    if not algos:
+        raise TrainingError("existing_lora holds no LoRA/LoHa/LoKr/OFT factors", file=name)
+    if set(algos) != {algorithm}:
+        found = ", ".join(f"{a} ({len(p)} modules)" for a, p in sorted(algos.items()))
+        raise TrainingError(f"existing_lora holds {found}, but the algorithm chosen is {algorithm!r}: choose "
+                            f"{' or '.join(sorted(algos))} to continue it, or train a new LoRA", file=name)
+
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    missing = []
+    for prefix, f in modules.items():
+        if len(f) == 1 and "alpha" in f:
+            continue          # a stray alpha without factors: nothing to continue
+        target = prefix if prefix in targets else canonical(prefix)
+        if target not in targets:
+            missing.append(prefix)
+            continue
+        factors[target] = f
+    if missing:
+        shapes = {k: tuple(t.shape) for k, t in file.tensors.items()}
+        guess = guess_file_arch(shapes)
+        hint = f" (the file looks like a {guess} LoRA)" if guess else ""
+        raise TrainingError(f"{len(missing)} of {len(modules)} modules of existing_lora are not layers this model "
+                            f"trains{hint}: {describe(missing)}", file=name)
+    for target, f in factors.items():
+        spec = LayerSpec.of(targets[target])
+        TRAINABLE[algorithm].from_factors(spec, f, torch.float32, target)   # shape check, clear message
+
+    r = Resume(source=name, factors=factors, steps=meta.read_steps(file.metadata),
+               optimizer=file.metadata.get("lora_lab.optimizer"))
+    if "lora_lab.steps" not in file.metadata and "ss_steps" not in file.metadata:
+        r.notes.append(f"{name} records no step count; counting from 0")
+    state = file.metadata.get("lora_lab.optimizer_state")
+    if state:
+        r.optimizer_state = meta.decode_optimizer_state(state, file=name)
+    else:
+        r.notes.append(f"{name} carries no optimizer state; the optimizer starts fresh")
+    return r

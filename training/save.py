@@ -1,0 +1,54 @@
+"""Write a trained LoRA where every loader finds it: a loras folder, atomically, with metadata."""
+from __future__ import annotations
+
+import os
+import re
+from typing import Mapping
+
+import torch
+
+from ..lora.errors import LoraError
+from ..lora.io import write
+from . import metadata as meta
+
+
+def _clean_part(value: str, what: str) -> list[str]:
+    parts = [p for p in value.replace("\\", "/").split("/") if p not in ("", ".")]
+    if os.path.isabs(value) or (len(value) > 1 and value[1] == ":") or ".." in parts:
+        raise LoraError(f"{what} {value!r} must stay inside the loras folder (no absolute path, no '..')")
+    return parts
+
+
+def next_path(folder: str, prefix: str) -> str:
+    """``<folder>/<prefix>_00001.safetensors`` with the first number not yet taken."""
+    pattern = re.compile(re.escape(prefix) + r"_(\d{5,})\.safetensors$")
+    taken = [int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))]
+    return os.path.join(folder, f"{prefix}_{max(taken, default=0) + 1:05d}.safetensors")
+
+
+def save(lora: Mapping[str, torch.Tensor], loras_folder: str, *, subfolder: str = "",
+         filename_prefix: str = "lora", trigger_words: str = "", optimizer_state: bool = True) -> tuple[str, str]:
+    """Save ``lora`` under ``loras_folder/subfolder`` as ``<prefix>_NNNNN.safetensors``.
+
+    Returns (full path, name relative to the loras folder, as loader combos list it). The write is
+    atomic (temporary file in the same folder, then rename): a failure leaves no partial file.
+    """
+    if not lora:
+        raise LoraError("the LoRA to save is empty")
+    parts = _clean_part(subfolder, "subfolder") + _clean_part(filename_prefix, "filename_prefix")
+    if not _clean_part(filename_prefix, "filename_prefix"):
+        raise LoraError("filename_prefix is empty")
+    folder = os.path.join(loras_folder, *parts[:-1])
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise LoraError(f"cannot create the folder {folder!r}: {e.strerror or e}") from None
+    if not os.access(folder, os.W_OK):
+        raise LoraError(f"the folder {folder!r} is not writable")
+    path = next_path(folder, parts[-1])
+    output_name = os.path.splitext(os.path.basename(path))[0]
+    info = getattr(lora, "info", None) or meta.from_keys(lora)
+    state = meta.encode_optimizer_state(getattr(lora, "optimizer_state", None)) if optimizer_state else None
+    header = meta.build(info, output_name=output_name, trigger_words=trigger_words, optimizer_state=state)
+    write(path, dict(lora), header)
+    return path, os.path.relpath(path, loras_folder).replace(os.sep, "/")

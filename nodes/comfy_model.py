@@ -18,10 +18,12 @@ import torch
 
 import comfy.lora
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.utils
 from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..lora import LoraError, guess_file_arch, match, parse, read
+from ..lora import bypass as bypass_mode
 from ..lora.adapters.base import Adapter
 from ..lora.keys import canonical
 
@@ -155,6 +157,55 @@ def fast_patcher(patcher):
     return patcher
 
 
+BYPASS_KEY = "loralab_bypass"
+
+
+def add_bypass(patcher, changes: list[tuple[str, Adapter, float]]) -> int:
+    """Apply adapters in the forward pass of ``patcher``'s model (never writing a weight).
+
+    Installed as a ModelPatcher injection: ComfyUI injects it when this clone is loaded and ejects
+    it when another clone of the same model takes over, so a strength change swaps hooks and
+    never re-patches or reloads weights. Works for weights that cannot be patched in place (fp8,
+    quantised ops): the layer's own forward runs untouched.
+    """
+    if not changes:
+        return 0
+    state = {}
+
+    def inject(mp):
+        state["handle"] = bypass_mode.attach(mp.model, changes)
+
+    def eject(mp):
+        handle = state.pop("handle", None)
+        if handle is not None:
+            handle.remove()
+
+    injections = list(patcher.get_injections(BYPASS_KEY) or [])
+    injections.append(comfy.patcher_extension.PatcherInjection(inject=inject, eject=eject))
+    patcher.set_injections(BYPASS_KEY, injections)
+    return len(changes)
+
+
+def _bypass_changes(root: torch.nn.Module, patches: dict, strength: float):
+    """Split patches into bypass changes (whole tensors of Linear/Conv layers) and the rest."""
+    sd_keys = set(root.state_dict().keys())
+    changes, rest = [], {}
+    modules = dict(root.named_modules())
+    for key, patch in patches.items():
+        if not isinstance(key, str) or key not in sd_keys:
+            if isinstance(key, tuple) and key[0] in sd_keys:
+                rest[key] = patch     # a slice of a fused weight: merged instead
+            continue
+        owner = modules.get(key.rpartition(".")[0])
+        try:
+            bypass_mode.Op.of(owner)
+        except TypeError:
+            rest[key] = patch         # not a Linear/Conv (e.g. a norm): merged instead
+            continue
+        changes.append((key, patch.adapter, strength))
+    return changes, rest
+
+
 @dataclass
 class Report:
     text: str
@@ -190,15 +241,30 @@ def _target_shape(root: torch.nn.Module, key) -> torch.Size | None:
     return torch.Size(shape)
 
 
-def load_lora(model, clip, path: str, strength_model: float, strength_clip: float, *,
-              options: dict | None = None, cache: dict | None = None) -> tuple[object, object, Report]:
-    """Patch clones of ``model`` / ``clip`` with the LoRA at ``path``; inputs are never mutated.
+def _patch(patcher, root: torch.nn.Module, patches: dict, strength: float, bypass: bool) -> tuple[int, int]:
+    """Add patches to ``patcher`` (merged, or bypass hooks); returns (tensors handled, merged instead)."""
+    if not bypass:
+        return len(patcher.add_patches(patches, strength)), 0
+    changes, rest = _bypass_changes(root, patches, strength)
+    merged = len(patcher.add_patches(rest, strength)) if rest else 0
+    return add_bypass(patcher, changes) + merged, merged
 
-    Raises LoraError (naming file, key and shapes) before anything is cloned when the file is
-    unreadable or a factor does not fit its target.
+
+def load_lora(model, clip, source, strength_model: float, strength_clip: float, *,
+              options: dict | None = None, cache: dict | None = None,
+              bypass: bool = False) -> tuple[object, object, Report]:
+    """Patch clones of ``model`` / ``clip`` with a LoRA; inputs are never mutated.
+
+    ``source``: a file path, or a LORA_MODEL (a plain state dict, as core's TrainLoraNode and ours
+    produce). Raises LoraError (naming file, key and shapes) before anything is cloned when the
+    file is unreadable or a factor does not fit its target.
     """
-    name = os.path.basename(path)
-    parsed, n_keys, shapes = _parsed(path, options or {}, cache)
+    if isinstance(source, dict):
+        name = "LORA_MODEL input"
+        parsed, n_keys, shapes = _parsed_dict(source, name, options or {})
+    else:
+        name = os.path.basename(source)
+        parsed, n_keys, shapes = _parsed(source, options or {}, cache)
     use_model = model is not None and strength_model != 0.0
     use_clip = clip is not None and strength_clip != 0.0
     km = key_map(model, clip)
@@ -219,23 +285,38 @@ def load_lora(model, clip, path: str, strength_model: float, strength_clip: floa
 
     new_model, new_clip = model, clip
     n_model = n_clip = 0
+    merged_instead = 0
     if use_model:
         new_model = fast_patcher(model.clone())
-        n_model = len(new_model.add_patches(patches, strength_model))
+        n_model, k = _patch(new_model, model.model, patches, strength_model, bypass)
+        merged_instead += k
     if use_clip:
         new_clip = clip.clone()
         fast_patcher(new_clip.patcher)
-        n_clip = len(new_clip.add_patches(patches, strength_clip))
+        n_clip, k = _patch(new_clip.patcher, clip.cond_stage_model, patches, strength_clip, bypass)
+        merged_instead += k
 
     text = m.summary(model_arch(model), guess_file_arch(shapes))
-    text += f"\npatched {n_model} model tensor(s) at strength {strength_model:g}"
+    how = "bypassed (applied in the forward pass)" if bypass else "patched"
+    text += f"\n{how} {n_model} model tensor(s) at strength {strength_model:g}"
     if clip is not None:
         text += f", {n_clip} text-encoder tensor(s) at strength {strength_clip:g}"
-    elif any(canonical(p).startswith("lora_te") for p in parsed.modules):
+    if merged_instead:
+        text += f"; {merged_instead} tensor(s) merged instead (not a Linear/Conv weight)"
+    if clip is None and any(canonical(p).startswith("lora_te") for p in parsed.modules):
         n_te = sum(canonical(p).startswith("lora_te") for p in parsed.modules)
         text += f"; {n_te} text-encoder module(s) ignored (no CLIP input)"
     (log.info if m.ok and not m.unmatched and not m.unknown else log.warning)("%s", text)
     return new_model, new_clip, Report(text, n_model, n_clip)
+
+
+def _parsed_dict(sd: dict, name: str, options: dict):
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise LoraError(f"LORA_MODEL must map key names to tensors; {len(bad)} value(s) are not tensors "
+                        f"(first: {bad[0]!r})", file=name)
+    parsed = parse(sd, file=name, options=options)
+    return parsed, len(sd), {k: tuple(v.shape) for k, v in sd.items()}
 
 
 def _parsed(path: str, options: dict, cache: dict | None):

@@ -20,17 +20,21 @@ def _optional() -> dict:
         "dyn_rank": ("INT", {"default": 0, "min": 0, "max": 4096, "advanced": True,
                              "tooltip": "DyLoRA files only: the rank to use (like A1111's dyn=). "
                                         "0 uses every rank stored in the file."}),
+        "bypass": ("BOOLEAN", {"default": False, "advanced": True,
+                               "tooltip": "Apply the LoRA in the forward pass (y = W·x + Δ(x)) instead of "
+                                          "writing weights: for fp8 / quantised models, and strength changes "
+                                          "that never re-patch the model. Slightly slower per step."}),
     }
 
 
-def _load(node, model, clip, lora_name, strength_model, strength_clip, dyn_rank=0):
+def _load(node, model, clip, lora_name, strength_model, strength_clip, dyn_rank=0, bypass=False):
     if strength_model == 0 and strength_clip == 0:
         text = f"{lora_name}: strengths are 0, model and CLIP passed through unchanged"
         return model, clip, text
     path = resolve_in(folder_paths.get_folder_paths("loras"), lora_name)
     options = {"dyn_rank": dyn_rank} if dyn_rank else {}
     model, clip, report = comfy_model.load_lora(model, clip, path, strength_model, strength_clip,
-                                                options=options, cache=node._cache)
+                                                options=options, cache=node._cache, bypass=bypass)
     return model, clip, report.text
 
 
@@ -64,8 +68,8 @@ class LoraLabLoadLoRA:
             "optional": _optional(),
         }
 
-    def load(self, model, clip, lora_name, strength_model, strength_clip, dyn_rank=0):
-        model, clip, text = _load(self, model, clip, lora_name, strength_model, strength_clip, dyn_rank)
+    def load(self, model, clip, lora_name, strength_model, strength_clip, dyn_rank=0, bypass=False):
+        model, clip, text = _load(self, model, clip, lora_name, strength_model, strength_clip, dyn_rank, bypass)
         return {"ui": {"text": [text]}, "result": (model, clip, text)}
 
 
@@ -93,12 +97,43 @@ class LoraLabLoraLoaderModelOnly:
             "optional": _optional(),
         }
 
-    def load(self, model, lora_name, strength_model, dyn_rank=0):
-        model, _, text = _load(self, model, None, lora_name, strength_model, 0.0, dyn_rank)
+    def load(self, model, lora_name, strength_model, dyn_rank=0, bypass=False):
+        model, _, text = _load(self, model, None, lora_name, strength_model, 0.0, dyn_rank, bypass)
         return {"ui": {"text": [text]}, "result": (model, text)}
 
 
+class LoraLabLoraModelLoader:
+    DESCRIPTION = ("Apply a LORA_MODEL (the `lora` output of a training node: ours or ComfyUI's TrainLoraNode) "
+                   "to a diffusion model, without saving it to a file first.")
+    CATEGORY = "loaders/LoRA Lab"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("MODEL", "report")
+    OUTPUT_TOOLTIPS = ("The diffusion model with the LoRA applied (a patched clone; the input is untouched).",
+                       REPORT_TOOLTIP)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model the LoRA will be applied to."}),
+                "lora": ("LORA_MODEL", {"tooltip": "A LoRA state dict from a training node (LoRA Lab's or core's)."}),
+                "strength_model": ("FLOAT", {**STRENGTH, "tooltip": "How strongly to change the diffusion model. "
+                                             "Negative values invert the LoRA; 0 leaves the model as it is."}),
+            },
+            "optional": {"bypass": _optional()["bypass"]},
+        }
+
+    def load(self, model, lora, strength_model, bypass=False):
+        if strength_model == 0:
+            return {"ui": {"text": ["strength is 0: model passed through unchanged"]},
+                    "result": (model, "strength is 0: model passed through unchanged")}
+        model, _, report = comfy_model.load_lora(model, None, lora, strength_model, 0.0, bypass=bypass)
+        return {"ui": {"text": [report.text]}, "result": (model, report.text)}
+
+
 NODES = {
+    "LoraLabLoraModelLoader": (LoraLabLoraModelLoader, "Load LoRA model (LoRA Lab)"),
     "LoraLabLoadLoRA": (LoraLabLoadLoRA, "Load LoRA (LoRA Lab)"),
     "LoraLabLoraLoaderModelOnly": (LoraLabLoraLoaderModelOnly, "Load LoRA, model only (LoRA Lab)"),
 }

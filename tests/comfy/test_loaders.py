@@ -69,7 +69,8 @@ def test_parity_with_core_loader(pack, tiny_sd15, lora_file, scheme):
     model, clip, _ = run_loader(pack, tiny_sd15, spec.name, 0.8, 0.6)
     cm, cc = core_nodes.LoraLoader().load_lora(tiny_sd15.model, tiny_sd15.clip, spec.name, 0.8, 0.6)
     ours, core = {**weights(model), **weights(clip)}, {**weights(cm), **weights(cc)}
-    changed = [k for k in core if not torch.equal(core[k], ours[k]) or k in spec.deltas()]
+    deltas = spec.deltas()
+    changed = [k for k in core if k in deltas or not torch.equal(core[k], ours[k])]
     assert changed
     worst = max(rel_err(ours[k], core[k]) for k in changed)
     assert worst <= TOL["core_parity_fp32"], worst
@@ -119,10 +120,11 @@ def test_stack_of_two_is_base_plus_both_deltas(pack, tiny_sd15, base, lora_file)
     m2, c2, _ = node(pack, "LoraLabLoadLoRA").load(m1, c1, b.name, 2.0, 1.0)["result"]
     got = {**weights(m2), **weights(c2)}
     ref = {**base[0], **base[1]}
-    for key in set(a.deltas()) | set(b.deltas()):
+    da, db = a.deltas(), b.deltas()
+    for key in set(da) | set(db):
         s_a = 0.5 if key.startswith("diffusion_model.") else 1.0
         s_b = 2.0 if key.startswith("diffusion_model.") else 1.0
-        want = s_a * a.deltas().get(key, 0) + s_b * b.deltas().get(key, 0)
+        want = s_a * da.get(key, 0) + s_b * db.get(key, 0)
         assert rel_err(got[key] - ref[key], want) <= 1e-5, key
 
 
@@ -212,3 +214,45 @@ def test_corrupt_file_names_file(pack, tiny_sd15, comfy):
     with pytest.raises(LoraError, match="corrupt.safetensors"):
         run_loader(pack, tiny_sd15, "corrupt.safetensors")
     assert _snapshot(comfy, tiny_sd15) == before
+
+
+# ---- bypass mode ------------------------------------------------------------------------------------
+def _unet_out(patcher, seed=0):
+    """One denoiser forward of the patched model (ComfyUI loads/injects as it would for sampling)."""
+    import comfy.model_management as mm
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx = torch.randn(1, 77, 768, generator=g)
+    mm.load_models_gpu([patcher])
+    with torch.no_grad():
+        return patcher.model.apply_model(x, torch.tensor([500.0]), c_crossattn=ctx).clone()
+
+
+def test_bypass_equals_merged_and_never_writes_weights(pack, tiny_sd15, base, lora_file):
+    spec = lora_file("kohya", parts=("unet",))
+    loader = node(pack, "LoraLabLoraLoaderModelOnly")
+    merged = loader.load(tiny_sd15.model, spec.name, 0.9)["result"][0]
+    bypassed, report = node(pack, "LoraLabLoraLoaderModelOnly").load(tiny_sd15.model, spec.name, 0.9,
+                                                                     bypass=True)["result"]
+    assert "bypassed (applied in the forward pass)" in report
+    assert not bypassed.patches or bypassed.patches.keys() == tiny_sd15.model.patches.keys()
+    y_base = _unet_out(tiny_sd15.model)
+    y_merged = _unet_out(merged)
+    y_bypass = _unet_out(bypassed)
+    assert not torch.allclose(y_merged, y_base)                 # the LoRA does something
+    assert rel_err(y_bypass, y_merged) <= TOL["bypass_fp32"]
+    # while the bypassed clone is loaded, the weights are the original ones
+    sd = bypassed.model.state_dict()
+    assert all(torch.equal(sd[k], base[0][k]) for k in base[0])
+
+
+def test_bypass_strength_change_swaps_hooks_without_repatching(pack, tiny_sd15, lora_file):
+    spec = lora_file("kohya", parts=("unet",), few=True)
+    a = node(pack, "LoraLabLoraLoaderModelOnly").load(tiny_sd15.model, spec.name, 1.0, bypass=True)["result"][0]
+    b = node(pack, "LoraLabLoraLoaderModelOnly").load(tiny_sd15.model, spec.name, 0.25, bypass=True)["result"][0]
+    merged_b = node(pack, "LoraLabLoraLoaderModelOnly").load(tiny_sd15.model, spec.name, 0.25)["result"][0]
+    ya, yb, ya2 = _unet_out(a), _unet_out(b), _unet_out(a)
+    assert torch.equal(ya, ya2) and not torch.equal(ya, yb)      # a's hooks came back, b's left
+    assert rel_err(yb, _unet_out(merged_b)) <= TOL["bypass_fp32"]
+    assert not a.backup and not b.backup                         # no weight was ever patched

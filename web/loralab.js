@@ -1,0 +1,127 @@
+// LoRA Lab frontend extension: shows a loader's report (how many of the file's keys matched
+// this model, what was patched) on the node after it runs, and turns the node red with a
+// title badge when none of the file's keys matched, so a LoRA for the wrong model is never silent.
+//
+// The report arrives as the node's `ui.text` output (onExecuted). It lives in a read-only
+// textarea widget that is never saved: not in the workflow's widgets_values, not in the API prompt.
+import { app } from "../../scripts/app.js";
+
+const EXTENSION = "LoraLab.Report";
+// every LoRA Lab node with a "report" output (the loaders) gets the report widget
+const hasReport = (nodeData) =>
+  nodeData.name?.startsWith("LoraLab") && (nodeData.output_name ?? []).includes("report");
+const WIDGET = "loralab_report";
+const WARN_COLOR = "#6b2020";
+const WARN_BGCOLOR = "#3d1818";
+const BADGE = "\u26a0 0 keys matched";
+const COUNTS = /(\d+) of (\d+) keys match/;
+
+// {matched, total} from a report's first "N of M keys match" line; null when there is none
+// (e.g. "strengths are 0, passed through unchanged").
+export function matchCounts(text) {
+  const m = COUNTS.exec(text ?? "");
+  return m ? { matched: Number(m[1]), total: Number(m[2]) } : null;
+}
+
+function reportWidget(node) {
+  const existing = node.widgets?.find((w) => w.name === WIDGET);
+  if (existing) return existing;
+  const el = document.createElement("textarea");
+  el.readOnly = true;
+  el.className = "comfy-multiline-input loralab-report";
+  el.placeholder = "LoRA report: appears after this node runs";
+  el.spellcheck = false;
+  el.style.fontSize = "11px";
+  el.style.opacity = "0.85";
+  el.style.resize = "none";
+  // type "customtext": the classic canvas shows this textarea; Nodes 2.0 (Vue nodes) draws its
+  // own read-only textarea for that type from the widget's value
+  let value = "";
+  const widget = node.addDOMWidget(WIDGET, "customtext", el, {
+    getValue: () => value,
+    setValue: (v) => {
+      value = v == null ? "" : String(v);
+      el.value = value;
+    },
+    getMinHeight: () => 64,
+    read_only: true,
+    serialize: false, // not part of the API prompt
+  });
+  widget.serialize = false; // not part of the saved workflow's widgets_values
+  return widget;
+}
+
+function setWarning(node, on) {
+  if (on && !node.loralabWarning) {
+    node.loralabSavedColors = { color: node.color, bgcolor: node.bgcolor };
+    node.color = WARN_COLOR;
+    node.bgcolor = WARN_BGCOLOR;
+  } else if (!on && node.loralabWarning) {
+    const saved = node.loralabSavedColors ?? {};
+    node.color = saved.color;
+    node.bgcolor = saved.bgcolor;
+  }
+  node.loralabWarning = on;
+}
+
+function showReport(node, text) {
+  const widget = reportWidget(node);
+  widget.value = text;
+  widget.element.title = text;
+  const counts = matchCounts(text);
+  setWarning(node, counts !== null && counts.matched === 0);
+  const min = node.computeSize();
+  if (node.size[1] < min[1] || node.size[0] < min[0]) {
+    node.setSize([Math.max(node.size[0], min[0]), Math.max(node.size[1], min[1])]);
+  }
+  node.setDirtyCanvas(true, true);
+}
+
+function drawBadge(node, ctx) {
+  if (!node.loralabWarning || node.flags?.collapsed) return;
+  const h = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+  ctx.save();
+  ctx.font = "bold 12px sans-serif";
+  const w = ctx.measureText(BADGE).width + 12;
+  const x = node.size[0] - w - 6;
+  const y = -h + 6;
+  ctx.fillStyle = "#d9534f";
+  ctx.beginPath();
+  if (ctx.roundRect) ctx.roundRect(x, y, w, h - 12, 4);
+  else ctx.rect(x, y, w, h - 12);
+  ctx.fill();
+  ctx.fillStyle = "#fff";
+  ctx.textBaseline = "middle";
+  ctx.fillText(BADGE, x + 6, y + (h - 12) / 2);
+  ctx.restore();
+}
+
+app.registerExtension({
+  name: EXTENSION,
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!hasReport(nodeData)) return;
+    const proto = nodeType.prototype;
+
+    const onNodeCreated = proto.onNodeCreated;
+    proto.onNodeCreated = function () {
+      const r = onNodeCreated?.apply(this, arguments);
+      reportWidget(this);
+      return r;
+    };
+
+    const onExecuted = proto.onExecuted;
+    proto.onExecuted = function (message) {
+      onExecuted?.apply(this, arguments);
+      const text = message?.text;
+      if (text == null) return;
+      showReport(this, Array.isArray(text) ? text.join("\n") : String(text));
+    };
+
+    const onDrawForeground = proto.onDrawForeground;
+    proto.onDrawForeground = function (ctx) {
+      const r = onDrawForeground?.apply(this, arguments);
+      drawBadge(this, ctx);
+      return r;
+    };
+  },
+});

@@ -267,3 +267,22 @@ def test_bypass_strength_change_swaps_hooks_without_repatching(pack, tiny_sd15, 
     assert torch.equal(ya, ya2) and not torch.equal(ya, yb)      # a's hooks came back, b's left
     merged_b = node(pack, "LoraLabLoraLoaderModelOnly").load(tiny_sd15.model, spec.name, 0.25)["result"][0]
     assert rel_err(yb, _unet_out(merged_b)) <= TOL["bypass_fp32"]
+
+
+# ---- LORA_MODEL interchange with core ----------------------------------------------------------------
+def test_lora_model_input_interchanges_with_core(pack, tiny_sd15, base):
+    """Core's LoraModelLoader and ours give the same weights for the same LORA_MODEL state dict
+    (core's TrainLoraNode emits `diffusion_model.<path>.lora_up.weight / lora_down.weight / alpha`)."""
+    from comfy_extras.nodes_train import LoraModelLoader
+    from support import lorafiles
+
+    ads = lorafiles.make_lora(lorafiles.pick(lorafiles.unet_targets(tiny_sd15.model)), rank=4, alpha=2.0, seed=5)
+    sd, _, _ = lorafiles.state_dict(ads, "comfy")
+    ours, report = node(pack, "LoraLabLoraModelLoader").load(tiny_sd15.model, sd, 0.7)["result"]
+    assert f"{len(sd)} of {len(sd)} keys match" in report
+    core = LoraModelLoader.execute(tiny_sd15.model, sd, 0.7)
+    core = core.result[0] if hasattr(core, "result") else core[0]
+    a, b = weights(ours), weights(core)
+    changed = [k for k in a if not torch.equal(a[k], base[0][k])]
+    assert len(changed) == len(ads)
+    assert max(rel_err(a[k], b[k]) for k in changed) <= TOL["core_parity_fp32"]

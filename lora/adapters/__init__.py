@@ -13,7 +13,12 @@ import torch
 from ..errors import LoraError
 from .base import COMMON_ROLES, Adapter
 from .full import Diff, DiffBias, NormBias, NormWeight, SetWeight
+from .glora import GLoRA
+from .ia3 import IA3
+from .loha import LoHa
+from .lokr import LoKr
 from .lora import LoRA
+from .oft import OFT
 from ..peft_meta import alpha_equiv, peft_configs
 
 ADAPTERS: dict[str, type[Adapter]] = {}
@@ -38,11 +43,10 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 
 for _cls in (LoRA, Diff, DiffBias, NormWeight, NormBias, SetWeight):
     register(_cls)
-
-# PEFT's DoRA magnitude is the same quantity as LyCORIS' dora_scale.
-for _s in (".lora_magnitude_vector", ".lora_magnitude_vector.weight", ".lora_magnitude_vector.default.weight"):
-    _SUFFIXES.append((_s, None, "dora_scale"))
-_SUFFIXES.sort(key=lambda t: -len(t[0]))
+# LyCORIS algorithms. BOFT shares OFT's suffixes (oft_blocks with 4 dims): OFT hands it over.
+# PEFT's DoRA magnitude is a LoRA role ("peft_magnitude"): its strength rule differs from dora_scale's.
+for _cls in (LoHa, LoKr, IA3, GLoRA, OFT):
+    register(_cls)
 
 
 def split_key(key: str) -> tuple[str, type[Adapter] | None, str] | None:
@@ -99,16 +103,25 @@ def build(m: Module, *, file: str | None = None, options: dict | None = None) ->
     adapters = []
     for target, classes in by_target.items():
         if len(classes) > 1:
-            desc = "; ".join(f"{c.name} ({', '.join(sorted(m.algos[c]))})" for c in classes)
+            shape = {m.keys[r]: tuple(t.shape) for r, t in m.factors.items()}
+            desc = "; ".join(f"{c.name} ({', '.join(f'{k} {shape[k]}' for k in sorted(m.algos[c]))})" for c in classes)
             raise LoraError(f"module carries keys of {len(classes)} algorithms for its {target}: {desc}",
                             file=file, key=m.prefix)
         cls = classes[0]
         own = {r: t for r, t in m.factors.items() if r in set(cls.roles.values()) | set(COMMON_ROLES.values())}
         adapters.append(cls.from_factors(own, prefix=m.prefix, file=file, options=options))
     if m.algos and not adapters:
+        if _only_generic(m):  # e.g. a bare ".weight" key: IA3's suffix, but no IA3 without "on_input"
+            return []
         raise LoraError(f"incomplete module: keys {sorted(k for ks in m.algos.values() for k in ks)} "
                         "do not make up any known algorithm", file=file, key=m.prefix)
     return adapters
+
+
+def _only_generic(m: Module) -> bool:
+    """True when every key the module's algorithms claim has a role its class marks generic."""
+    role_of = {k: r for r, k in m.keys.items()}
+    return all({role_of[k] for k in ks} <= getattr(c, "generic_roles", frozenset()) for c, ks in m.algos.items())
 
 
 def parse(sd: dict[str, torch.Tensor], *, file: str | None = None, options: dict | None = None) -> Parsed:

@@ -6,6 +6,11 @@ Shapes (r = rank):
     Conv (Tucker)   up (out, r, 1, 1)     down (r, in, 1, 1)    mid (r, r, kh, kw)
     ΔW_tucker[i, j, h, w] = Σ_mn mid[m, n, h, w] · up[i, m] · down[n, j]
 Linear-shaped factors on a 1×1 conv (and the reverse) are reshaped, as every loader does.
+
+DyLoRA files are plain LoRA files; ``options["dyn_rank"] = r`` keeps the first r ranks, as A1111's
+``dyn=`` does: ΔW = (alpha / R) · up[:, :r] · down[:r], R the stored rank (kept by rewriting alpha
+to alpha·r/R, so the truncated adapter saves and reloads to the same ΔW).
+PEFT DoRA magnitudes (``lora_magnitude_vector``) keep PEFT's strength rule (see dora.py).
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Adapter, ensure_same_numel
-from .dora import apply_dora_
+from . import dora
 from ..errors import LoraError
 
 _SUFFIXES = {
@@ -29,6 +34,9 @@ _SUFFIXES = {
     ".lora_linear_layer.up.weight": "up", ".lora_linear_layer.down.weight": "down",
     # Mochi / bare PEFT tensors without ".weight"
     ".lora_B": "up", ".lora_A": "down",
+    # PEFT DoRA magnitude (one per output channel); PEFT's own strength rule, see dora.py
+    ".lora_magnitude_vector": "peft_magnitude", ".lora_magnitude_vector.weight": "peft_magnitude",
+    ".lora_magnitude_vector.default.weight": "peft_magnitude",
 }
 
 
@@ -44,6 +52,7 @@ class LoRA(Adapter):
     mid: torch.Tensor | None = None
     alpha: float | None = None
     dora_scale: torch.Tensor | None = None
+    peft_magnitude: torch.Tensor | None = None
 
     @classmethod
     def from_factors(cls, factors, *, prefix, file, options):
@@ -51,8 +60,12 @@ class LoRA(Adapter):
         if up is None or down is None:
             missing = "up" if up is None else "down"
             raise LoraError(f"LoRA module has no '{missing}' factor (found: {sorted(factors)})", file=file, key=prefix)
+        if factors.get("dora_scale") is not None and factors.get("peft_magnitude") is not None:
+            raise LoraError("module carries both a LyCORIS dora_scale and a PEFT lora_magnitude_vector",
+                            file=file, key=prefix)
         self = cls(up=up, down=down, mid=factors.get("mid"), alpha=_alpha(factors.get("alpha")),
-                   dora_scale=factors.get("dora_scale"), file=file, prefix=prefix)
+                   dora_scale=factors.get("dora_scale"), peft_magnitude=factors.get("peft_magnitude"),
+                   file=file, prefix=prefix)
         rank_up = up.shape[1] if up.dim() > 1 else -1
         rank_down = down.shape[0]
         if self.mid is not None:
@@ -60,11 +73,25 @@ class LoRA(Adapter):
                 raise self.err(f"ranks disagree: up {tuple(up.shape)}, mid {tuple(self.mid.shape)}, down {tuple(down.shape)}")
         elif rank_up != rank_down:
             raise self.err(f"ranks disagree: up {tuple(up.shape)} has rank {rank_up}, down {tuple(down.shape)} has rank {rank_down}")
+        if options.get("dyn_rank"):
+            self._truncate(int(options["dyn_rank"]))
         return self
+
+    def _truncate(self, r: int) -> None:
+        """DyLoRA: keep ranks [0, r) with A1111's scale alpha/R (R = stored rank)."""
+        stored = self.rank
+        if self.mid is not None or not 0 < r <= stored:
+            why = "has a Tucker mid factor" if self.mid is not None else f"stores rank {stored}"
+            raise self.err(f"DyLoRA rank {r} cannot be selected: the module {why} "
+                           f"(up {tuple(self.up.shape)}, down {tuple(self.down.shape)})")
+        if r < stored:
+            self.up, self.down = self.up[:, :r].contiguous(), self.down[:r].contiguous()
+            self.alpha = None if self.alpha is None else self.alpha * r / stored
 
     def factors(self):
         alpha = None if self.alpha is None else torch.tensor(self.alpha, dtype=torch.float32)
-        return {"up": self.up, "down": self.down, "mid": self.mid, "alpha": alpha, "dora_scale": self.dora_scale}
+        return {"up": self.up, "down": self.down, "mid": self.mid, "alpha": alpha, "dora_scale": self.dora_scale,
+                "peft_magnitude": self.peft_magnitude}
 
     @property
     def rank(self) -> int:
@@ -84,15 +111,15 @@ class LoRA(Adapter):
         up, down = self._mats(weight.device, dt)
         if self.mid is not None:
             mid = self.mid.to(device=weight.device, dtype=dt)
-            d = torch.einsum("mnhw,im,nj->ijhw", mid, up, down)
+            d = torch.einsum("mn...,im,nj->ij...", mid, up, down)   # any kernel rank (Conv1d/2d/3d)
         else:
             d = up @ down
         ensure_same_numel(self, d.numel(), weight.shape, self.prefix)
         return d.reshape(weight.shape).mul_(self.scale)
 
     def apply_(self, weight, strength):
-        if self.dora_scale is not None:
-            return apply_dora_(weight, self.delta(weight), self.dora_scale, strength, file=self.file, key=self.prefix)
+        if dora.has_magnitude(self):
+            return dora.finish_(self, weight, self.delta(weight), strength)
         if self.mid is not None:
             return super().apply_(weight, strength)
         # Fast path: accumulate up·down straight into the working copy (no ΔW-sized temporary).
@@ -110,6 +137,27 @@ class LoRA(Adapter):
         if n != shape.numel() or out != shape[0]:
             raise self.err(f"up {tuple(self.up.shape)} · down {tuple(self.down.shape)} does not fit target "
                            f"{key!r} of shape {tuple(shape)}")
+        dora.check_magnitude(self, shape, key)
+
+    def bypass(self, x, weight, strength, op, base=None):
+        """Δy = s·(alpha/r)·up(mid(down(x))): the layer's own op on the factors, ΔW never built.
+
+        None (use ΔW) for DoRA, whose rescale needs the patched weight's norms, and grouped convs.
+        """
+        if dora.has_magnitude(self) or op.groups != 1:
+            return None
+        up = self.up.to(device=x.device, dtype=x.dtype).flatten(1)
+        if not op.conv_dims:
+            down = self.down.to(device=x.device, dtype=x.dtype).flatten(1)
+            return op(op(x, down), up).mul_(strength * self.scale)
+        pointwise = [1] * op.conv_dims
+        up = up.reshape(*up.shape, *pointwise)
+        if self.mid is None:
+            h = op(x, self.down.to(device=x.device, dtype=x.dtype).reshape(self.rank, *weight.shape[1:]))
+        else:
+            down = self.down.to(device=x.device, dtype=x.dtype).reshape(self.rank, -1, *pointwise)
+            h = op(op.pointwise(x, down), self.mid.to(device=x.device, dtype=x.dtype))
+        return op.pointwise(h, up).mul_(strength * self.scale)
 
 
 def _alpha(t: torch.Tensor | None) -> float | None:

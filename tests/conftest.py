@@ -1,0 +1,148 @@
+"""Shared fixtures. The pack is imported the way ComfyUI imports it: as a package (here named
+``loralab``) whose submodules use relative imports; never as top-level ``lora`` / ``nodes``.
+
+No ComfyUI needed (unit tests):
+    ``from loralab.lora import parse`` works anywhere: this file registers the repo root as the
+    package ``loralab`` without executing its ``__init__.py``.
+
+In-process ComfyUI on the CPU (session scope; each is built once per test run):
+    comfy                  ComfyEnv: folder_paths, models_dir, loras_dir (with loras/sub/),
+                           checkpoints_dir, output_dir, comfy_dir
+    pack                   the pack module with its root __init__.py executed (NODE_CLASS_MAPPINGS…);
+                           skipped while the root __init__.py does not exist
+    tiny_sd15_file         path of the fp32 tiny SD1.5 checkpoint in the checkpoints folder
+    tiny_sd15_fp16_file    same, fp16
+    tiny_sd15              SD15(model, clip, vae, path): fp32 file, fp32 in memory. SHARED: clone
+                           before patching (ComfyUI's nodes do); never patch it in place
+    tiny_sd15_fp16         SD15 from the fp16 file, ComfyUI's default dtypes
+Per test:
+    lora_file              factory writing a LoRA for the tiny SD1.5 into the loras folder; returns
+                           a lorafiles.LoraSpec (.path, .name for lora_name, .deltas())
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import pytest
+
+from support import comfy_env
+
+# The repo root must not be a top-level import path (``python -m pytest`` adds the cwd): its
+# nodes/ would shadow ComfyUI's nodes.py and lora/ would load a second copy of the core.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != comfy_env.REPO_ROOT]
+comfy_env.register_pack()
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_stay_comfy_free(request):
+    """tests/unit must run without ComfyUI: fail a unit test that imports it."""
+    is_unit = os.sep + "unit" + os.sep in str(request.node.path)
+    before = "comfy" in sys.modules
+    yield
+    if is_unit and not before and "comfy" in sys.modules:
+        pytest.fail("this unit test imported ComfyUI (comfy); unit tests must not - move it to tests/comfy")
+
+
+@dataclass
+class ComfyEnv:
+    folder_paths: Any
+    comfy_dir: str
+    models_dir: str
+    loras_dir: str
+    checkpoints_dir: str
+    output_dir: str
+
+
+class SD15(NamedTuple):
+    model: Any   # comfy.model_patcher.ModelPatcher
+    clip: Any    # comfy.sd.CLIP
+    vae: Any     # comfy.sd.VAE (TAESD)
+    path: str
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory) -> ComfyEnv:
+    why = comfy_env.comfy_available()
+    if why:
+        pytest.fail(why + " - `make test` runs the bootstrap")
+    base = tmp_path_factory.mktemp("comfy")
+    models = str(base / "models")
+    fp = comfy_env.setup(models, str(base / "work"))
+    os.makedirs(os.path.join(models, "loras", "sub"), exist_ok=True)
+    return ComfyEnv(fp, comfy_env.comfy_dir(), models, os.path.join(models, "loras"),
+                    os.path.join(models, "checkpoints"), fp.get_output_directory())
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    init = os.path.join(comfy_env.REPO_ROOT, "__init__.py")
+    if not os.path.isfile(init):
+        pytest.skip("the pack's root __init__.py does not exist yet")
+    return comfy_env.import_pack()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_file(comfy) -> str:
+    from support import checkpoints
+    return checkpoints.tiny_sd15_path(comfy.checkpoints_dir, "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_fp16_file(comfy) -> str:
+    from support import checkpoints
+    return checkpoints.tiny_sd15_path(comfy.checkpoints_dir, "fp16")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tiny_sd15_file) -> SD15:
+    from support import checkpoints
+    return SD15(*checkpoints.load_tiny_sd15(tiny_sd15_file, dtype="fp32"), tiny_sd15_file)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_fp16(tiny_sd15_fp16_file) -> SD15:
+    from support import checkpoints
+    return SD15(*checkpoints.load_tiny_sd15(tiny_sd15_fp16_file, dtype="fp16"), tiny_sd15_fp16_file)
+
+
+@pytest.fixture
+def lora_file(request, comfy):
+    """lora_file(scheme="kohya", *, targets=None, parts=("unet", "te"), kinds=("linear", "conv"),
+    rank=4, alpha="default", seed=0, conv="locon", flat_1x1=False, dtype=None, subfolder="",
+    name=None, few=False) -> LoraSpec
+
+    Without ``targets``, adapts the tiny SD1.5's ``parts`` (its Linear and Conv layers;
+    ``few=True`` picks a small spread of them). ``alpha="default"``: rank/2 where the scheme can
+    store alpha, else none (scale 1). The file lands in loras/<subfolder>/, named after the test.
+    """
+    from support import lorafiles
+
+    counter = iter(range(10**6))
+
+    def make(scheme="kohya", *, targets=None, parts=("unet", "te"), kinds=("linear", "conv"), rank=4,
+             alpha="default", seed=0, conv="locon", flat_1x1=False, dtype=None, subfolder="", name=None,
+             few=False):
+        if targets is None:
+            sd15 = request.getfixturevalue("tiny_sd15")
+            targets = []
+            if "unet" in parts:
+                targets += lorafiles.unet_targets(sd15.model, kinds=kinds)
+            if "te" in parts:
+                targets += lorafiles.clip_targets(sd15.clip, kinds=tuple(k for k in kinds if k != "conv"))
+            if few:
+                targets = lorafiles.pick(targets)
+        if alpha == "default":
+            alpha = lorafiles.default_alpha(scheme, rank)
+        adapters = lorafiles.make_lora(targets, rank=rank, alpha=alpha, seed=seed, conv=conv, flat_1x1=flat_1x1)
+        if name is None:
+            test = "".join(c if c.isalnum() else "_" for c in request.node.name)[:80]
+            name = f"{test}_{scheme}_{next(counter)}.safetensors"
+        path = os.path.join(comfy.loras_dir, subfolder, name)
+        spec = lorafiles.write_lora(path, adapters, scheme, dtype=dtype, root=comfy.loras_dir)
+        comfy.folder_paths.filename_list_cache.clear()
+        return spec
+
+    return make

@@ -99,7 +99,9 @@ class LoRA(Adapter):
 
     @property
     def scale(self) -> float:
-        return 1.0 if self.alpha is None else self.alpha / self.rank
+        # kohya and LyCORIS (the producers of .alpha keys) read a missing or zero alpha as alpha =
+        # rank, i.e. scale 1; ComfyUI core reads 0 as scale 0 and silently applies nothing.
+        return 1.0 if not self.alpha else self.alpha / self.rank
 
     def _mats(self, device, dtype):
         up = self.up.to(device=device, dtype=dtype).flatten(1)

@@ -129,3 +129,11 @@ def test_half_weight_math_in_fp32_rounded_once(dtype):
     ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
     assert bool(((d["w"].float() - exact).abs() <= 0.5 * ulp + 1e-5).all())
     assert d["w"].dtype == dtype
+
+
+def test_alpha_zero_means_scale_one_as_kohya_trains_it():
+    """Pins kohya/LyCORIS semantics (`alpha = lora_dim if alpha is None or alpha == 0`): a file
+    written with alpha 0 was trained at scale 1. ComfyUI core applies it at scale 0 (no change)."""
+    up, down, w = torch.randn(7, 3), torch.randn(3, 5), torch.randn(7, 5)
+    d = _one({"m.lora_up.weight": up, "m.lora_down.weight": down, "m.alpha": torch.tensor(0.0)}, w, 1.0)
+    assert rel_err(d, up @ down) <= TOL["fp32"]

@@ -166,7 +166,7 @@ def load_optimizer_state(opt, params, state) -> None:
         name, _, k = key.rpartition("/")
         if name not in params:
             raise TrainingError(f"optimizer state names a parameter this LoRA does not have: {name!r}")
-        per_param.setdefault(names.index(name), {})[k] = v
+        per_param.setdefault(names.index(name), {})[k] = v.clone()   # own copy, made outside inference mode
     sd = opt.state_dict()
     sd["state"] = per_param
     opt.load_state_dict(sd)

@@ -1,0 +1,304 @@
+"""LoraLabTrainLoraNode: train a LoRA (LoRA, LoHa, LoKr, OFT) on a few latents inside the graph.
+
+The node unpacks its inputs and calls ``training.loop.train``. What ComfyUI-specific the core
+needs comes from here as plain callables: the model's own sampling and latent format, a
+denoiser returning the network's raw output for a batch, kohya names for the UNet's layers
+(from ComfyUI's ``unet_to_diffusers``), and a progress callback that honours ``/interrupt``.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sampler_helpers
+import comfy.samplers
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+from ..lora.io import read, resolve_in
+from ..training import adapters, loop, objective, resume
+from ..training.errors import TrainingError
+
+log = logging.getLogger("LoRA Lab")
+NONE = "[None]"
+
+# ComfyUI model config class -> (kohya ss_base_model_version, SAI modelspec architecture, implementation)
+_SGM = "https://github.com/Stability-AI/generative-models"
+_ARCH = {
+    "SD15": ("sd_v1", "stable-diffusion-v1", "diffusers"),
+    "SD20": ("sd_v2", "stable-diffusion-v2-512", "diffusers"),
+    "SD21UnclipL": ("sd_v2", "stable-diffusion-v2-unclip-l", "diffusers"),
+    "SD21UnclipH": ("sd_v2", "stable-diffusion-v2-unclip-h", "diffusers"),
+    "SDXL": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", _SGM),
+    "SDXLRefiner": ("sdxl_refiner_v1-0", "stable-diffusion-xl-v1-refiner", _SGM),
+    "SSD1B": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", _SGM),
+    "Segmind_Vega": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", _SGM),
+    "SD3": ("sd3", "stable-diffusion-3-medium", _SGM),
+    "Flux": ("flux1", "flux-1-dev", "https://github.com/black-forest-labs/flux"),
+    "FluxSchnell": ("flux1", "flux-1-schnell", "https://github.com/black-forest-labs/flux"),
+}
+# first match wins: EDM and X0 subclass V_PREDICTION / EPS but predict something else
+_PREDICTION = [(comfy.model_sampling.EDM, None), (comfy.model_sampling.X0, None),
+               (comfy.model_sampling.V_PREDICTION, "v"), (comfy.model_sampling.EPS, "eps"),
+               (comfy.model_sampling.CONST, "flow")]
+
+
+# ---- glue: ComfyUI objects -> plain callables ---------------------------------------------------
+def model_info(model) -> dict:
+    """Architecture names for the metadata, and the prediction type, of a MODEL."""
+    cfg = type(model.model.model_config).__name__
+    version, arch, impl = _ARCH.get(cfg, (cfg.lower(), cfg.lower(), "https://github.com/comfyanonymous/ComfyUI"))
+    pred = prediction(model)
+    if cfg == "SD20" and pred == "v":
+        version, arch = "sd_v2_v", "stable-diffusion-v2-768-v"
+    return {"base_model_version": version, "modelspec_architecture": arch, "modelspec_implementation": impl,
+            "comfy_model": cfg}
+
+
+def prediction(model) -> str:
+    ms = model.get_model_object("model_sampling")
+    for cls, name in _PREDICTION:
+        if isinstance(ms, cls):
+            if name is None:
+                break
+            return name
+    raise TrainingError(f"this model predicts with {type(ms).__mro__[1].__name__}; training supports ε, v "
+                             "and flow-velocity models")
+
+
+def layer_names(model):
+    """Module path inside the diffusion model -> file name (None: not trained).
+
+    UNets (SD1.x/2.x/XL): kohya names of their block layers (``lora_unet_<diffusers path>``, the
+    set kohya trains: resnets, attentions, down/up samplers; not conv_in/out or time embedding).
+    Other models: the Linear layers of their repeated blocks, in ComfyUI's own naming.
+    """
+    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    ldm_to_diffusers = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in mapping.items() if k.endswith(".weight")}
+    diffusion_model = model.model.diffusion_model
+    if ldm_to_diffusers:
+        def name_of(path):
+            d = ldm_to_diffusers.get(path)
+            if d is None or not d.startswith(("down_blocks.", "mid_block.", "up_blocks.")):
+                return None
+            return "lora_unet_" + d.replace(".", "_")
+        return name_of
+    lists = {n for n, m in diffusion_model.named_children() if isinstance(m, torch.nn.ModuleList)}
+
+    def name_of(path):
+        if path.split(".", 1)[0] not in lists or not isinstance(diffusion_model.get_submodule(path), torch.nn.Linear):
+            return None
+        return "diffusion_model." + path
+    return name_of
+
+
+def thaw(module: torch.nn.Module) -> None:
+    """Models loaded while ComfyUI executes hold inference tensors, which autograd cannot save for
+    backward; give them ordinary copies (same values) once, so the frozen layers can sit in a graph."""
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for store in (m._parameters, m._buffers):
+                for k, t in store.items():
+                    if t is not None and t.is_inference():
+                        copy = t.detach().clone()
+                        store[k] = torch.nn.Parameter(copy, requires_grad=False) if k in m._parameters else copy
+
+
+def denoiser(model, conditioning: list):
+    """(x_t, σ, cond indices) -> the diffusion model's raw output, through ComfyUI's apply_model (so
+    every architecture's conditioning, timestep and input scaling are its own)."""
+    base = model.model
+    cache: dict = {}
+    captured = {}
+    transformer_options = dict(model.model_options.get("transformer_options", {}))
+
+    def conds_for(i: int, x: torch.Tensor) -> dict:
+        key = (i, tuple(x.shape[1:]))
+        if key not in cache:
+            c = comfy.sampler_helpers.convert_cond([conditioning[i]])
+            c = comfy.samplers.encode_model_conds(base.extra_conds, c, x[:1], x.device, "positive",
+                                                  latent_image=x[:1])
+            cache[key] = {k: v.process_cond(batch_size=1, area=None) for k, v in c[0]["model_conds"].items()}
+        return cache[key]
+
+    def grab(module, args, kwargs, output):
+        captured["out"] = output
+
+    def denoise(x_t, sigma, conds):
+        kwargs = comfy.samplers.cond_cat([conds_for(i, x_t) for i in conds])
+        handle = base.diffusion_model.register_forward_hook(grab, with_kwargs=True)
+        try:
+            base.apply_model(x_t, sigma, transformer_options=dict(transformer_options), **kwargs)
+        finally:
+            handle.remove()
+        return captured.pop("out")
+
+    return denoise
+
+
+def progress(total: int, node_id):
+    """ComfyUI progress bar + loss text; returns True (stop) once /interrupt was asked for."""
+    bar = comfy.utils.ProgressBar(total, node_id=node_id)
+    server = _server()
+
+    def on_step(step, total, loss):
+        try:
+            bar.update_absolute(step, total)
+        except comfy.model_management.InterruptProcessingException:
+            return _stop(step)
+        if server is not None and node_id is not None:
+            server.send_progress_text(f"step {step}/{total} · loss {loss:.4f}", node_id)
+        if comfy.model_management.processing_interrupted():
+            comfy.model_management.interrupt_current_processing(False)
+            return _stop(step)
+        return False
+    return on_step
+
+
+def _stop(step):
+    log.info("LoRA Lab: training interrupted after step %d; returning the LoRA as of that step", step)
+    return True
+
+
+def _server():
+    try:
+        from server import PromptServer
+        return PromptServer.instance
+    except Exception:
+        return None
+
+
+def release(mp) -> None:
+    """Unload the training clone (its compute-dtype patch and cast flags go with it), so the shared
+    model is exactly as it was for whatever runs next."""
+    loaded = comfy.model_management.current_loaded_models
+    for i, lm in enumerate(loaded):
+        if lm.model is mp:
+            loaded.pop(i).model_unload()
+            return
+
+
+def flat_conditioning(positive: list) -> list:
+    """INPUT_IS_LIST gives a list of CONDITIONING lists; flatten to one entry per sample."""
+    out = []
+    for c in positive:
+        out.extend(c if isinstance(c, list) else [c])
+    return out
+
+
+def train_lora(model, latents: list, positive: list, config: loop.TrainConfig, existing_lora: str | None,
+               node_id=None) -> tuple:
+    """Everything the node does, with ComfyUI objects in and out."""
+    conditioning = flat_conditioning(positive)
+    samples = [l["samples"] for l in latents if l is not None]
+    mp = model.clone()
+    mp.set_model_compute_dtype(config.training_dtype)
+    comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+    try:
+        diffusion_model = mp.model.diffusion_model
+        thaw(diffusion_model)
+        targets = adapters.find_targets(diffusion_model, layer_names(mp))
+        info = model_info(mp)
+        res = None
+        if existing_lora:
+            path = resolve_in(folder_paths.get_folder_paths("loras"), existing_lora)
+            res = resume.load(read(path), targets, config.algorithm, info["modelspec_architecture"])
+        dataset = loop.make_dataset(samples, len(conditioning), mp.model.process_latent_in)
+        obj = objective.Objective(mp.get_model_object("model_sampling"), prediction(mp), config.loss)
+        result = loop.train(targets=targets, denoise=denoiser(mp, conditioning), objective=obj,
+                            dataset=dataset, config=config, resume=res, root=diffusion_model,
+                            on_step=progress(config.steps, node_id), info=info)
+    finally:
+        release(mp)
+    for note in result.notes:
+        log.info("LoRA Lab: %s", note)
+    model_with_lora, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)
+    return model_with_lora, result.lora, {"loss": list(result.losses)}, result.steps
+
+
+# ---- the node -----------------------------------------------------------------------------------
+def _first(v):
+    return v[0] if isinstance(v, list) else v
+
+
+class LoraLabTrainLoraNode:
+    DESCRIPTION = ("Train a LoRA (LoRA, LoHa, LoKr or OFT) on a few latents, with the model's own noise schedule "
+                   "and prediction target. Deterministic for a seed; continues an existing LoRA from its "
+                   "metadata; Cancel stops after the current step and still returns the LoRA.")
+    CATEGORY = "training/LoRA Lab"
+    FUNCTION = "train"
+    INPUT_IS_LIST = True
+    RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT")
+    RETURN_NAMES = ("model_with_lora", "lora", "loss", "steps")
+    OUTPUT_TOOLTIPS = (
+        "The input model with the trained LoRA applied (a patched clone; the input is untouched).",
+        "The trained LoRA: a state dict with kohya key names. Save it with Save LoRA (LoRA Lab).",
+        "The loss of every training step (for a loss graph).",
+        "Total training steps of this LoRA, counting the steps of an existing LoRA it continued.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to train the LoRA on."}),
+                "latents": ("LATENT", {"tooltip": "The dataset: one latent, a batch, or a list of latents of "
+                                                  "different sizes (bucketed by size)."}),
+                "positive": ("CONDITIONING", {"tooltip": "The captions: one conditioning per latent (same order), "
+                                                         "or a single one used for all."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 10000,
+                                       "tooltip": "Samples per training step (taken from one size bucket)."}),
+                "grad_accumulation_steps": ("INT", {"default": 1, "min": 1, "max": 1024,
+                                                    "tooltip": "Batches whose gradients are summed before each "
+                                                               "optimizer step."}),
+                "steps": ("INT", {"default": 16, "min": 1, "max": 100000,
+                                  "tooltip": "Optimizer steps to train for."}),
+                "learning_rate": ("FLOAT", {"default": 0.0005, "min": 0.0000001, "max": 1.0, "step": 0.0000001,
+                                            "tooltip": "The learning rate."}),
+                "rank": ("INT", {"default": 8, "min": 1, "max": 128,
+                                 "tooltip": "Rank of the LoRA factors (for OFT: the block size)."}),
+                "optimizer": (list(loop.OPTIMIZERS), {"default": "AdamW", "tooltip": "The optimizer."}),
+                "loss_function": (list(objective.LOSSES), {"default": "MSE",
+                                  "tooltip": "How the prediction is compared with the model's own target "
+                                             "(ε, v or flow velocity)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Drives the LoRA's initialisation, batch order, timesteps and noise: "
+                                            "the same seed and inputs give the same LoRA."}),
+                "training_dtype": (list(loop.DTYPES), {"default": "bf16",
+                                   "tooltip": "Precision of the model's computation while training (on a GPU bf16 is "
+                                              "fastest; on a CPU fp32 usually is)."}),
+                "lora_dtype": (list(loop.DTYPES), {"default": "bf16",
+                               "tooltip": "Precision the LoRA's factors are trained and stored in."}),
+                "algorithm": (adapters.algorithms(), {"default": "lora",
+                              "tooltip": "lora: low-rank (kohya LoRA/LoCon); loha: Hadamard product; lokr: "
+                                         "Kronecker product; oft: orthogonal (block rotation) fine-tuning."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": True,
+                                           "tooltip": "Recompute activations in the backward pass: much less "
+                                                      "memory, somewhat slower."}),
+                "existing_lora": ([NONE] + folder_paths.get_filename_list("loras"), {"default": NONE,
+                                  "tooltip": "Continue training this LoRA (its factors, step count and optimizer "
+                                             "state are read from the file, whatever it is called), or [None] "
+                                             "for a new one."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def train(self, model, latents, positive, batch_size, grad_accumulation_steps, steps, learning_rate, rank,
+              optimizer, loss_function, seed, training_dtype, lora_dtype, algorithm, gradient_checkpointing,
+              existing_lora, unique_id=None):
+        config = loop.TrainConfig(
+            steps=_first(steps), batch_size=_first(batch_size), grad_accumulation_steps=_first(grad_accumulation_steps),
+            learning_rate=_first(learning_rate), rank=_first(rank), optimizer=_first(optimizer),
+            loss=_first(loss_function), seed=_first(seed), training_dtype=loop.DTYPES[_first(training_dtype)],
+            lora_dtype=loop.DTYPES[_first(lora_dtype)], algorithm=_first(algorithm),
+            gradient_checkpointing=_first(gradient_checkpointing))
+        existing = _first(existing_lora)
+        return train_lora(_first(model), latents, positive, config, None if existing == NONE else existing,
+                          _first(unique_id))
+
+
+NODES = {"LoraLabTrainLoraNode": (LoraLabTrainLoraNode, "Train LoRA (LoRA Lab)")}

@@ -22,6 +22,8 @@ import folder_paths
 from ..lora.io import read, resolve_in
 from ..training import adapters, loop, objective, resume
 from ..training.errors import TrainingError
+from ..training.save import save as save_lora
+from . import comfy_model
 
 log = logging.getLogger("LoRA Lab")
 NONE = "[None]"
@@ -209,15 +211,33 @@ def train_lora(model, latents: list, positive: list, config: loop.TrainConfig, e
             res = resume.load(read(path), targets, config.algorithm, info["modelspec_architecture"])
         dataset = loop.make_dataset(samples, len(conditioning), mp.model.process_latent_in)
         obj = objective.Objective(mp.get_model_object("model_sampling"), prediction(mp), config.loss)
-        result = loop.train(targets=targets, denoise=denoiser(mp, conditioning), objective=obj,
-                            dataset=dataset, config=config, resume=res, root=diffusion_model,
-                            on_step=progress(config.steps, node_id), info=info)
+        try:
+            result = loop.train(targets=targets, denoise=denoiser(mp, conditioning), objective=obj,
+                                dataset=dataset, config=config, resume=res, root=diffusion_model,
+                                on_step=progress(config.steps, node_id), info=info)
+        except TrainingError as e:
+            raise _keep_last_good(e) from None
     finally:
         release(mp)
     for note in result.notes:
         log.info("LoRA Lab: %s", note)
-    model_with_lora, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)
+    model_with_lora, _, _ = comfy_model.load_lora(model, None, result.lora, 1.0, 0.0)
     return model_with_lora, result.lora, {"loss": list(result.losses)}, result.steps
+
+
+def _keep_last_good(e: TrainingError) -> TrainingError:
+    """A run that stopped after learning something (e.g. the loss turned NaN): save the LoRA as of
+    its last good step where the user can load or resume it, and say where in the error."""
+    if e.result is None or not e.result.lora or not e.result.steps:
+        return e
+    try:
+        _, name = save_lora(e.result.lora, folder_paths.get_folder_paths("loras")[0], subfolder="loralab_recovery",
+                            filename_prefix=f"stopped_at_step_{e.result.steps}")
+    except Exception as save_error:   # the original error matters more; say why nothing was kept
+        return TrainingError(f"{e} (the last good state could not be saved: {save_error})", result=e.result)
+    return TrainingError(f"{e}. The LoRA as of step {e.result.steps} was saved as {name!r}: load it, or "
+                         "continue from it with existing_lora (a lower learning_rate usually helps)",
+                         result=e.result)
 
 
 # ---- the node -----------------------------------------------------------------------------------

@@ -343,3 +343,27 @@ def test_save_into_a_folder_that_is_not_writable_leaves_nothing(pack, comfy, tra
             os.chmod(folder, 0o755)
     with pytest.raises(LoraError, match="must stay inside the loras folder"):
         save_node(pack, trained[1], subfolder="../outside")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_lora(pack, sd15, cond, trained, comfy, monkeypatch):
+    """Regression for the node glue: the core loop raises TrainingError(result=last good state) on a
+    NaN loss (unit-tested in test_training_loop.py); the node must not drop that state but save it
+    where loaders find it, and say where."""
+    from loralab.nodes import train as train_mod
+    from loralab.training.errors import TrainingError
+    from loralab.training.loop import TrainResult
+
+    good = trained[1]
+
+    def nan_at_step_3(**kw):
+        raise TrainingError("the loss became NaN at step 3", result=TrainResult(good, [0.5, 0.4], 2))
+
+    monkeypatch.setattr(train_mod.loop, "train", nan_at_step_3)
+    with pytest.raises(TrainingError) as e:
+        train(pack, sd15, cond)
+    msg = str(e.value)
+    assert "NaN at step 3" in msg and "as of step 2 was saved as 'loralab_recovery/stopped_at_step_2_" in msg
+    name = msg.split("saved as '")[1].split("'")[0]
+    from loralab.lora import read
+    saved = read(os.path.join(comfy.loras_dir, name))
+    assert set(saved.tensors) == set(good) and all(torch.equal(saved.tensors[k], good[k].cpu()) for k in good)

@@ -13,7 +13,7 @@ PEFT ``lora_magnitude_vector`` (``peft.tuners.lora.dora``; s multiplies PEFT's `
     W''= m · (W + s·ΔW) / ‖W + s·ΔW‖              norm per output row, no eps
 
 Both norms are of the *patched* weight. ComfyUI core normalises the output axis against the
-unpatched W and blends W + s·(W'' − W); see docs/formats.md.
+unpatched W and blends W + s·(W'' − W); see the formats table in README.md.
 """
 from __future__ import annotations
 

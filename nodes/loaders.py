@@ -7,12 +7,17 @@ from ..lora.io import resolve_in
 from . import comfy_model
 
 STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
+MODEL_IN = ("MODEL", {"tooltip": "The diffusion model the LoRA will be applied to."})
+STRENGTH_MODEL_IN = ("FLOAT", {**STRENGTH, "tooltip": "How strongly to change the diffusion model. "
+                               "Negative values invert the LoRA; 0 leaves the model as it is."})
+MODEL_OUT_TOOLTIP = "The diffusion model with the LoRA applied (a patched clone; the input is untouched)."
 REPORT_TOOLTIP = ("What was loaded: how many of the file's keys matched this model, which did not, "
                   "and how many tensors were patched.")
 
 
-def _lora_names() -> list[str]:
-    return folder_paths.get_filename_list("loras")
+def _lora_name_in() -> tuple:
+    return (folder_paths.get_filename_list("loras"),
+            {"tooltip": "A file from ComfyUI's loras folders (subfolders included)."})
 
 
 def _optional() -> dict:
@@ -46,7 +51,7 @@ class LoraLabLoadLoRA:
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("MODEL", "CLIP", "report")
-    OUTPUT_TOOLTIPS = ("The diffusion model with the LoRA applied (a patched clone; the input is untouched).",
+    OUTPUT_TOOLTIPS = (MODEL_OUT_TOOLTIP,
                        "The text encoder with the LoRA applied (a patched clone; the input is untouched).",
                        REPORT_TOOLTIP)
 
@@ -57,11 +62,10 @@ class LoraLabLoadLoRA:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model the LoRA will be applied to."}),
+                "model": MODEL_IN,
                 "clip": ("CLIP", {"tooltip": "The text encoder (CLIP) the LoRA will be applied to."}),
-                "lora_name": (_lora_names(), {"tooltip": "A file from ComfyUI's loras folders (subfolders included)."}),
-                "strength_model": ("FLOAT", {**STRENGTH, "tooltip": "How strongly to change the diffusion model. "
-                                             "Negative values invert the LoRA; 0 leaves the model as it is."}),
+                "lora_name": _lora_name_in(),
+                "strength_model": STRENGTH_MODEL_IN,
                 "strength_clip": ("FLOAT", {**STRENGTH, "tooltip": "How strongly to change the text encoder. "
                                             "Negative values invert the LoRA; 0 leaves CLIP as it is."}),
             },
@@ -79,7 +83,7 @@ class LoraLabLoraLoaderModelOnly:
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("MODEL", "report")
-    OUTPUT_TOOLTIPS = ("The diffusion model with the LoRA applied (a patched clone; the input is untouched).",
+    OUTPUT_TOOLTIPS = (MODEL_OUT_TOOLTIP,
                        REPORT_TOOLTIP)
 
     def __init__(self):
@@ -89,10 +93,9 @@ class LoraLabLoraLoaderModelOnly:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model the LoRA will be applied to."}),
-                "lora_name": (_lora_names(), {"tooltip": "A file from ComfyUI's loras folders (subfolders included)."}),
-                "strength_model": ("FLOAT", {**STRENGTH, "tooltip": "How strongly to change the diffusion model. "
-                                             "Negative values invert the LoRA; 0 leaves the model as it is."}),
+                "model": MODEL_IN,
+                "lora_name": _lora_name_in(),
+                "strength_model": STRENGTH_MODEL_IN,
             },
             "optional": _optional(),
         }
@@ -109,17 +112,16 @@ class LoraLabLoraModelLoader:
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("MODEL", "report")
-    OUTPUT_TOOLTIPS = ("The diffusion model with the LoRA applied (a patched clone; the input is untouched).",
+    OUTPUT_TOOLTIPS = (MODEL_OUT_TOOLTIP,
                        REPORT_TOOLTIP)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model the LoRA will be applied to."}),
+                "model": MODEL_IN,
                 "lora": ("LORA_MODEL", {"tooltip": "A LoRA state dict from a training node (LoRA Lab's or core's)."}),
-                "strength_model": ("FLOAT", {**STRENGTH, "tooltip": "How strongly to change the diffusion model. "
-                                             "Negative values invert the LoRA; 0 leaves the model as it is."}),
+                "strength_model": STRENGTH_MODEL_IN,
             },
             "optional": {"bypass": _optional()["bypass"]},
         }

@@ -186,18 +186,19 @@ def measure_floor(lora_path: str, device: str, passes: int = 2) -> dict:
     buf = torch.empty(max(u.shape[0] * d.shape[1] for u, d in pairs), device=device)
     outs = [buf[: u.shape[0] * d.shape[1]].view(u.shape[0], d.shape[1]) for u, d in pairs]
 
-    def once() -> float:
+    def once() -> tuple[float, float]:
         sync(device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for (up, down), out in zip(pairs, outs):
             torch.mm(up, down, out=out)
         sync(device)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
     once()  # warm-up
-    times = [once() for _ in range(passes)]
+    runs = [once() for _ in range(passes)]
     flops = sum(2 * u.shape[0] * u.shape[1] * d.shape[1] for u, d in pairs)
-    return {"flops": flops, "seconds": times, "rate": flops / min(times)}
+    return {"flops": flops, "seconds": [w for w, _ in runs], "cpu_seconds": [c for _, c in runs],
+            "rate": flops / min(w for w, _ in runs), "cpu_rate": flops / min(c for _, c in runs)}
 
 
 # ---- the cases -----------------------------------------------------------------------------------
@@ -250,18 +251,18 @@ def _run_case(ctx: dict, impl: str, case: str, repeats: int) -> dict:
         if profiler:
             profiler.enable()
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         pair = stacked(nodes, strength)
         t1 = time.perf_counter()
         if held is not None:
             _unpatch(held)
         _patch(pair)
         sync(device)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         if profiler:
             profiler.disable()
         after = probe.snapshot()
-        reps.append({"total": t2 - t0, "nodes": t1 - t0, "patch": t2 - t1,
+        reps.append({"total": t2 - t0, "nodes": t1 - t0, "patch": t2 - t1, "cpu": c2 - c0,
                      "retained": {k: after[k] - base[k] for k in after},
                      "patched_keys": [len(pair[0].patches), len(pair[1].patcher.patches)]})
         if case == "change":
@@ -325,6 +326,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help=f"repeats per case (default {REPEATS}; --quick: 1)")
     p.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one case process may take")
+    p.add_argument("--report", metavar="JSON", help="only re-print the tables of a results file written earlier")
     p.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="TOP",
                    help="cProfile the timed part of every run and print its TOP (15) functions by own time "
                         "(times then include the profiler's overhead)")
@@ -340,7 +342,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-_MISSING = {k: float("nan") for k in ("median", "patch", "floor", "peak_delta", "retained", "cuda_peak_delta",
+_MISSING = {k: float("nan") for k in ("median", "patch", "floor", "cpu", "cpu_floor", "peak_delta", "retained", "cuda_peak_delta",
                                       "cuda_retained")}
 
 
@@ -353,6 +355,7 @@ def _gib(x: float | None, sign: bool = False) -> str:
 def _summary(run: dict) -> dict:
     reps = run["repeats"]
     out = {"times": [r["total"] for r in reps], "median": median([r["total"] for r in reps]),
+           "cpu": median([r["cpu"] for r in reps]),
            "patch": median([r["patch"] for r in reps]), "nodes": median([r["nodes"] for r in reps]),
            "peak_rss": run["peaks"]["peak_rss"], "peak_delta": run["peaks"]["peak_rss"] - run["base"]["rss"],
            "retained": max(r["retained"]["rss"] for r in reps), "patched_keys": reps[0]["patched_keys"]}
@@ -362,14 +365,13 @@ def _summary(run: dict) -> dict:
     return out
 
 
-def report(args, argv, manifest, results, variant) -> tuple[str, str, dict]:
+def report(cases, impls, cmd, manifest, results, variant) -> tuple[str, str, dict]:
     per_lora = manifest["flops_per_lora"]
     rates = [res["floor"]["rate"] for res in results]
     rate = median(rates)
     info = results[0]["machine"]
     cuda = info["device"] == "cuda"
     where = (f"{info['device']} ({info['gpu']})" if cuda else f"cpu, {info['threads']} threads")
-    cmd = command_line("load", argv)
     head = (f"LoRA load benchmark - `{cmd}`\n"
             f"{VARIANTS[variant]['what']}; rank-{manifest['rank']} kohya LoRA on {manifest['targets_unet']} UNet + "
             f"{manifest['targets_clip']} CLIP layers ({manifest['lora_mb']:.0f} MB); {where}; "
@@ -382,23 +384,25 @@ def report(args, argv, manifest, results, variant) -> tuple[str, str, dict]:
         for run in res["runs"]:
             x = summaries.setdefault(run["case"], {})[run["impl"]] = _summary(run)
             x["floor"] = CASES[run["case"]] * per_lora / res["floor"]["rate"]
+            x["cpu_floor"] = CASES[run["case"]] * per_lora / res["floor"]["cpu_rate"]
     rows, md_rows, notes = [], [], []
-    for case in args.cases:
+    for case in cases:
         s = summaries.get(case, {})
         fl = median([x["floor"] for x in s.values()])
-        for impl in args.impls:
+        for impl in impls:
             if impl not in s:
                 continue
             x = s[impl]
             row = [case, impl, " ".join(f"{t:.2f}" for t in x["times"]), f"{x['median']:.2f}", f"{x['patch']:.2f}",
-                   f"{x['floor']:.2f}", f"{x['median'] / x['floor']:.1f}", _gib(x["peak_rss"]), _gib(x["peak_delta"], True), _gib(x["retained"], True)]
+                   f"{x['floor']:.2f}", f"{x['median'] / x['floor']:.1f}", f"{x['cpu']:.2f}",
+                   f"{x['cpu'] / x['cpu_floor']:.1f}", _gib(x["peak_rss"]), _gib(x["peak_delta"], True), _gib(x["retained"], True)]
             if cuda:
                 row += [_gib(x["cuda_peak_delta"], True), _gib(x["cuda_retained"], True)]
             rows.append(row)
         if s:
             c, o = s.get("core", _MISSING), s.get("ours", _MISSING)
             row = ["", "ours/core", "", f"{ratio(o['median'], c['median']):.2f}", f"{ratio(o['patch'], c['patch']):.2f}",
-                   "", "", "", f"{ratio(o['peak_delta'], c['peak_delta']):.2f}", f"{ratio(o['retained'], c['retained']):.2f}"]
+                   "", "", f"{ratio(o['cpu'], c['cpu']):.2f}", "", "", f"{ratio(o['peak_delta'], c['peak_delta']):.2f}", f"{ratio(o['retained'], c['retained']):.2f}"]
             if cuda:
                 row += [f"{ratio(o['cuda_peak_delta'], c['cuda_peak_delta']):.2f}",
                         f"{ratio(o['cuda_retained'], c['cuda_retained']):.2f}"]
@@ -406,23 +410,29 @@ def report(args, argv, manifest, results, variant) -> tuple[str, str, dict]:
                 rows.append(row)
             if len(s) == 2 and c["patched_keys"] != o["patched_keys"]:
                 notes.append(f"{case}: patched keys differ (MODEL, CLIP): core {c['patched_keys']}, ours {o['patched_keys']}")
+            normalised = ratio(o["median"] / o["floor"], c["median"] / c["floor"])
             md = [case, f"{fl:.2f}", f"{c['median']:.2f}", f"{o['median']:.2f}", f"**{ratio(o['median'], c['median']):.2f}**",
-                  f"{c['median'] / c['floor']:.1f}", f"{o['median'] / o['floor']:.1f}",
+                  f"{normalised:.2f}", f"{ratio(o['cpu'], c['cpu']):.2f}", f"{c['median'] / c['floor']:.1f}", f"{o['median'] / o['floor']:.1f}",
                   f"{_gib(c['peak_delta'], True)} / {_gib(o['peak_delta'], True)}",
                   f"{_gib(c['retained'], True)} / {_gib(o['retained'], True)}"]
             if cuda:
                 md += [f"{_gib(c['cuda_peak_delta'], True)} / {_gib(o['cuda_peak_delta'], True)}",
                        f"{_gib(c['cuda_retained'], True)} / {_gib(o['cuda_retained'], True)}"]
             md_rows.append(md)
-    header = ["case", "impl", "runs (s)", "median s", "patch s", "floor s", "x floor", "peak RSS GiB", "peak d GiB", "retained GiB"]
-    md_header = ["case", "floor (s)", "core (s)", "ours (s)", "ours/core", "core x floor", "ours x floor",
+    header = ["case", "impl", "runs (s)", "median s", "patch s", "floor s", "x floor", "CPU s", "CPU x floor", "peak RSS GiB", "peak d GiB", "retained GiB"]
+    md_header = ["case", "floor (s)", "core (s)", "ours (s)", "ours/core", "ours/core of x floor", "ours/core CPU time",
+                 "core x floor",
+                 "ours x floor",
                  "peak RSS d core / ours (GiB)", "retained RSS core / ours (GiB)"]
     if cuda:
         header += ["cuda peak d", "cuda retained"]
         md_header += ["CUDA peak d core / ours (GiB)", "CUDA retained core / ours (GiB)"]
     scope = {r["peak_scope"] for res in results for r in res["runs"]}
     legend = ("times: node call(s) + patch_model of MODEL and CLIP (change: + unpatch of the previous clones); "
-              "median of the runs. peak d: highest RSS during the case minus RSS with the unpatched model loaded "
+              "median of the runs (wall clock). x floor: time / the floor measured in the same process just before "
+              "the case, so 'ours/core of x floor' cancels load that differed between the two processes. CPU s: the same span in process CPU time (all threads); "
+              "other load on a shared machine inflates it less than wall time, though not to zero (spinning threads); CPU x floor against the floor's own "
+              "CPU time. peak d: highest RSS during the case minus RSS with the unpatched model loaded "
               f"(peak measured {', '.join(sorted(scope))}); retained: RSS after patching minus the same baseline.")
     if variant == "quick":
         legend += " QUICK run: reduced UNet, all cases in one process."
@@ -435,8 +445,23 @@ def report(args, argv, manifest, results, variant) -> tuple[str, str, dict]:
     return text, markdown, summaries
 
 
+def _reprint(path: str) -> int:
+    import json
+
+    with open(path) as fh:
+        data = json.load(fh)
+    runs = [run for res in data["results"] for run in res["runs"]]
+    cases = [c for c in CASES if any(r["case"] == c for r in runs)]
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in runs)]
+    text, markdown, _ = report(cases, impls, data["command"], data["manifest"], data["results"], data["variant"])
+    print(text + "\n\nMarkdown for README:\n\n" + markdown)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.report:
+        return _reprint(args.report)
     variant = "quick" if args.quick else "full"
     n_loras = max(CASES[c] for c in args.cases)
     paths = asset_paths(variant, args.rank, n_loras)
@@ -461,14 +486,14 @@ def main(argv: list[str]) -> int:
             for run in res["runs"]:
                 s = _summary(run)
                 print(f"  {run['case']:<8} {run['impl']:<5} " + " ".join(f"{t:.2f}" for t in s["times"]) +
-                      f" s  (peak d {_gib(s['peak_delta'], True)} GiB, retained {_gib(s['retained'], True)} GiB)", flush=True)
+                      f" s, CPU {s['cpu']:.2f} s  (peak d {_gib(s['peak_delta'], True)} GiB, retained {_gib(s['retained'], True)} GiB)", flush=True)
                 if "profile" in run:
                     print(f"\n  cProfile of {run['impl']} / {run['case']} (all repeats, by own time):\n{run['profile']}\n")
             results.append(res)
     except BenchError as e:
         print(f"bench load: {e}", file=sys.stderr)
         return 1
-    text, markdown, summaries = report(args, argv, manifest, results, variant)
+    text, markdown, summaries = report(args.cases, args.impls, command_line("load", argv), manifest, results, variant)
     print("\n" + text + "\n\nMarkdown for README:\n\n" + markdown)
     data = {"command": command_line("load", argv), "variant": variant, "manifest": manifest,
             "results": results, "summary": summaries, "wall_s": time.perf_counter() - started}

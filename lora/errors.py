@@ -20,6 +20,13 @@ def check_finite(t, *, what: str, file: str | None = None, key: str | None = Non
     """Refuse NaN/inf: a merged non-finite value silently ruins every image that follows."""
     import torch
 
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    # Screen with one reduction (no bool tensor the size of t): any NaN/inf makes the sum
+    # non-finite. A sum that merely overflows is re-checked exactly, so it raises nothing.
+    screen = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
+    if bool(torch.isfinite(screen)):
+        return
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
         raise LoraError(f"{what} has {bad} non-finite value(s) (NaN or inf)", file=file, key=key)

@@ -37,6 +37,24 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != comfy_e
 comfy_env.register_pack()
 
 
+class _RepoRootIsNotATestPackage:
+    """pytest makes a folder with __init__.py a Package and imports that __init__.py before the
+    first test (looking for setup_module). The repo root is the pack: importing it under a
+    folder-derived name would load it a second time, before ComfyUI is set up, and fails outright
+    when the folder name is not an identifier (a clone in /tmp/x.abc). Collect it as a plain Dir."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if str(path) == comfy_env.REPO_ROOT:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config):
+    # registered as a plain plugin: conftest hooks do not apply to folders above this one
+    config.pluginmanager.register(_RepoRootIsNotATestPackage(), "loralab-repo-root-dir")
+
+
 @pytest.fixture(autouse=True)
 def _unit_tests_stay_comfy_free(request):
     """tests/unit must run without ComfyUI: fail a unit test that imports it."""

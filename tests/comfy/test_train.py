@@ -367,3 +367,18 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_lora(pack, sd15,
     from loralab.lora import read
     saved = read(os.path.join(comfy.loras_dir, name))
     assert set(saved.tensors) == set(good) and all(torch.equal(saved.tensors[k], good[k].cpu()) for k in good)
+
+
+def test_trained_lora_model_goes_through_core_lora_model_loader(pack, sd15, trained):
+    """Issue 3's LORA_MODEL interchange, our side: core's LoraModelLoader takes our trained LoRA
+    (kohya names) and patches the same weights as our LoraLabLoraModelLoader."""
+    from comfy_extras.nodes_train import LoraModelLoader
+
+    lora = trained[1]
+    core = LoraModelLoader.execute(sd15.model, lora, 1.0)
+    core = core.result[0] if hasattr(core, "result") else core[0]
+    ours, report = pack.NODE_CLASS_MAPPINGS["LoraLabLoraModelLoader"]().load(sd15.model, lora, 1.0)["result"]
+    assert f"{len(lora)} of {len(lora)} keys match" in report
+    a, b, base = weights(ours), weights(core), weights(sd15.model)
+    changed = [k for k in a if not torch.equal(a[k], base[k])]
+    assert changed and all(rel_err(a[k], b[k]) <= TOL["core_parity_fp32"] for k in changed)

@@ -161,7 +161,7 @@ class Adapter:
             d = torch.einsum("mnhw,om,ni->oihw", self.mid.float(), up, down)
         else:
             d = up @ down
-        return d.reshape(shape) * self.scale
+        return d.reshape(shape).mul_(self.scale)
 
 
 def _gen(key: str, seed: int) -> torch.Generator:
@@ -343,6 +343,10 @@ class LoraSpec:
         rel = os.path.relpath(self.path, self.root) if self.root else os.path.basename(self.path)
         return rel.replace(os.sep, "/")
 
+    def changed_keys(self, part: str | None = None) -> list[str]:
+        """Model keys the file changes, in file order (cheap: computes nothing)."""
+        return list(dict.fromkeys(a.target.key for a in self.adapters if part is None or a.target.part == part))
+
     def delta(self, key: str) -> torch.Tensor:
         ds = [a.delta() for a in self.adapters if a.target.key == key]
         if not ds:
@@ -350,8 +354,9 @@ class LoraSpec:
         return sum(ds[1:], ds[0])
 
     def deltas(self, part: str | None = None) -> dict[str, torch.Tensor]:
-        keys = dict.fromkeys(a.target.key for a in self.adapters if part is None or a.target.part == part)
-        return {k: self.delta(k) for k in keys}
+        """{model key: ΔW} for every changed tensor. All at once: for a file over every layer of the
+        tiny SD1.5 that is ~0.5 GB and a few seconds; iterate ``changed_keys`` + ``delta`` instead."""
+        return {k: self.delta(k) for k in self.changed_keys(part)}
 
 
 def write_lora(path: str, adapters: list[Adapter], scheme: str = "kohya", *, dtype: torch.dtype | None = None,

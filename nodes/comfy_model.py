@@ -131,47 +131,17 @@ class FastPatch:
         if key not in self.backup:
             self.backup[key] = _Backup(weight.to(device=self.offload_device, copy=inplace_update), inplace_update)
         device = weight.device if device_to is None else torch.device(device_to)
-        live = [(strength, patch.adapter) for strength, patch, *_ in patches if strength != 0.0]
-        single = _single_lowrank(live, device)
-        if single is not None:
-            # One plain LoRA: ΔW = up·down into the scratch buffer, then W + s·ΔW written straight
-            # into the result in the weight's dtype (one pass; the sum is formed in float32).
-            up, down, alpha = single
-            delta = _scratch.get(device, torch.Size((up.shape[0], down.shape[1])))
-            torch.mm(up, down, out=delta)
-            src = weight.to(device)
-            if inplace_update:
-                src.view(delta.shape).add_(delta, alpha=alpha)
-                if src is not weight:
-                    comfy.utils.copy_to_param(self.model, key, src)
-            else:
-                out = torch.empty(weight.shape, dtype=weight.dtype, device=device)
-                torch.add(src.view(delta.shape), delta, alpha=alpha, out=out.view(delta.shape))
-                comfy.utils.set_attr_param(self.model, key, out)
-            return
         work = _scratch.get(device, weight.shape)
         work.copy_(weight)
-        for strength, adapter in live:
-            work = adapter.apply_(work, strength)
+        for strength, patch, *_ in patches:
+            if strength != 0.0:
+                work = patch.adapter.apply_(work, strength)
         if inplace_update:
             comfy.utils.copy_to_param(self.model, key, work)
         else:
             out = torch.empty(weight.shape, dtype=weight.dtype, device=device)
             out.copy_(work)
             comfy.utils.set_attr_param(self.model, key, out)
-
-
-def _single_lowrank(live: list, device):
-    """(up, down, strength·scale) when the only live patch is a plain low-rank product."""
-    if len(live) != 1:
-        return None
-    strength, adapter = live[0]
-    lowrank = getattr(adapter, "lowrank", None)
-    parts = lowrank(device) if lowrank is not None else None
-    if parts is None:
-        return None
-    up, down, scale = parts
-    return up, down, strength * scale
 
 
 _fast_classes: dict[type, type] = {}

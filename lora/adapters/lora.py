@@ -103,13 +103,6 @@ class LoRA(Adapter):
         # rank, i.e. scale 1; ComfyUI core reads 0 as scale 0 and silently applies nothing.
         return 1.0 if not self.alpha else self.alpha / self.rank
 
-    def lowrank(self, device, dtype=torch.float32):
-        """(up, down, scale) as 2-D matrices when ΔW is exactly scale·up·down (no Tucker mid, no
-        DoRA), else None: lets a caller fuse the product into its own buffers."""
-        if self.mid is not None or dora.has_magnitude(self):
-            return None
-        return (*self._mats(device, dtype), self.scale)
-
     def _mats(self, device, dtype):
         up = self.up.to(device=device, dtype=dtype).flatten(1)
         down = self.down.to(device=device, dtype=dtype).flatten(1)

@@ -113,16 +113,25 @@ def write(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
     return path
 
 
+def relative_parts(value: str, what: str) -> list[str]:
+    """The folder parts of a name meant to stay inside a models folder; refuses one that leaves it.
+
+    Absolute paths, drive letters and ``..`` components are refused outright rather than
+    silently rewritten, so a crafted API prompt gets a clear error instead of some other file.
+    """
+    unix = value.replace("\\", "/")
+    parts = [p for p in unix.split("/") if p not in ("", ".")]
+    if os.path.isabs(value) or unix.startswith("/") or (len(value) > 1 and value[1] == ":") or ".." in parts:
+        raise LoraError(f"{what} {value!r} must stay inside the loras folders (no absolute path, no '..')")
+    return parts
+
+
 def resolve_in(folders: list[str], name: str) -> str:
     """Full path of ``name`` inside one of ``folders``; refuses names that try to leave them.
 
     ``name`` is what a loader combo holds: a path relative to a loras folder, subfolders allowed.
-    Absolute paths and ``..`` components are refused outright rather than silently rewritten,
-    so a crafted API prompt gets a clear error instead of some other file.
     """
-    parts = name.replace("\\", "/").split("/")
-    if os.path.isabs(name) or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
-        raise LoraError("lora_name must be a file inside the loras folders (no absolute path, no '..')", file=name)
+    parts = relative_parts(name, "lora_name")
     for folder in folders:
         full = os.path.join(folder, *parts)
         if os.path.isfile(full):

@@ -12,11 +12,6 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 for _name in ("loaders", "train", "save"):
     try:
         _mod = importlib.import_module(f".{_name}", __name__)
-    except ModuleNotFoundError as e:
-        if e.name == f"{__name__}.{_name}":
-            continue  # module not present in this version of the pack
-        logging.getLogger("LoRA Lab").exception("LoRA Lab: could not load nodes/%s.py", _name)
-        continue
     except Exception:
         logging.getLogger("LoRA Lab").exception("LoRA Lab: could not load nodes/%s.py", _name)
         continue

@@ -8,7 +8,6 @@ ComfyUI weight adapters whose ``calculate_weight`` runs LoRA Lab's math.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import threading
@@ -304,8 +303,8 @@ def load_lora(model, clip, source, strength_model: float, strength_clip: float, 
         text += f", {n_clip} text-encoder tensor(s) at strength {strength_clip:g}"
     if merged_instead:
         text += f"; {merged_instead} tensor(s) merged instead (not a Linear/Conv weight)"
-    if clip is None and any(canonical(p).startswith("lora_te") for p in parsed.modules):
-        n_te = sum(canonical(p).startswith("lora_te") for p in parsed.modules)
+    n_te = 0 if clip is not None else sum(canonical(p).startswith("lora_te") for p in parsed.modules)
+    if n_te:
         text += f"; {n_te} text-encoder module(s) ignored (no CLIP input)"
     (log.info if m.ok and not m.unmatched and not m.unknown else log.warning)("%s", text)
     return new_model, new_clip, Report(text, n_model, n_clip)

@@ -8,15 +8,8 @@ from typing import Mapping
 import torch
 
 from ..lora.errors import LoraError
-from ..lora.io import write
+from ..lora.io import relative_parts, write
 from . import metadata as meta
-
-
-def _clean_part(value: str, what: str) -> list[str]:
-    parts = [p for p in value.replace("\\", "/").split("/") if p not in ("", ".")]
-    if os.path.isabs(value) or (len(value) > 1 and value[1] == ":") or ".." in parts:
-        raise LoraError(f"{what} {value!r} must stay inside the loras folder (no absolute path, no '..')")
-    return parts
 
 
 def next_path(folder: str, prefix: str) -> str:
@@ -35,9 +28,10 @@ def save(lora: Mapping[str, torch.Tensor], loras_folder: str, *, subfolder: str 
     """
     if not lora:
         raise LoraError("the LoRA to save is empty")
-    parts = _clean_part(subfolder, "subfolder") + _clean_part(filename_prefix, "filename_prefix")
-    if not _clean_part(filename_prefix, "filename_prefix"):
+    prefix_parts = relative_parts(filename_prefix, "filename_prefix")
+    if not prefix_parts:
         raise LoraError("filename_prefix is empty")
+    parts = relative_parts(subfolder, "subfolder") + prefix_parts
     folder = os.path.join(loras_folder, *parts[:-1])
     try:
         os.makedirs(folder, exist_ok=True)

@@ -41,11 +41,9 @@ def register(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-for _cls in (LoRA, Diff, DiffBias, NormWeight, NormBias, SetWeight):
-    register(_cls)
-# LyCORIS algorithms. BOFT shares OFT's suffixes (oft_blocks with 4 dims): OFT hands it over.
+# BOFT shares OFT's suffixes (oft_blocks with 4 dims): OFT hands it over.
 # PEFT's DoRA magnitude is a LoRA role ("peft_magnitude"): its strength rule differs from dora_scale's.
-for _cls in (LoHa, LoKr, IA3, GLoRA, OFT):
+for _cls in (LoRA, Diff, DiffBias, NormWeight, NormBias, SetWeight, LoHa, LoKr, IA3, GLoRA, OFT):
     register(_cls)
 
 

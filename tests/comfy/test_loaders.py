@@ -12,22 +12,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from support.comfy_env import patched_weights as weights
 from tolerances import TOL, rel_err
 
 CORE_CORRECT = ("kohya", "kohya_ldm", "diffusers_old", "comfy")
 # core drops these keys (current diffusers/PEFT attention names, transformers-5 text encoder names)
 # or mis-scales them (PEFT alpha in the header)
 CORE_WRONG = ("peft", "peft_alpha", "peft_te5", "peft_metadata")
-
-
-def weights(patcher_or_clip) -> dict[str, torch.Tensor]:
-    """The weights a patcher would run with: patch, copy, unpatch (restores in place)."""
-    p = getattr(patcher_or_clip, "patcher", patcher_or_clip)
-    p.patch_model()
-    try:
-        return {k: v.detach().clone() for k, v in p.model.state_dict().items()}
-    finally:
-        p.unpatch_model()
 
 
 def node(pack, name):

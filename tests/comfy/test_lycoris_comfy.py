@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from support.comfy_env import patched_weights as patched
 from tolerances import TOL, rel_err
 from unit import test_adapters_matrix as M
 
@@ -81,14 +82,6 @@ def case_file(comfy, tiny_sd15, name: str) -> tuple[str, dict[str, torch.Tensor]
     save_file(sd, os.path.join(comfy.loras_dir, file))
     comfy.folder_paths.filename_list_cache.clear()
     return file, sd, keys
-
-
-def patched(patcher) -> dict[str, torch.Tensor]:
-    patcher.patch_model()
-    try:
-        return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
-    finally:
-        patcher.unpatch_model()
 
 
 def ours_and_core(pack, tiny_sd15, file, **kw):

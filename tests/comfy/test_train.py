@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from support.comfy_env import patched_weights as weights
 from tolerances import TOL, rel_err
 
 pytestmark = pytest.mark.comfy
@@ -27,14 +28,6 @@ COMBOS = {"optimizer": (["AdamW", "Adam", "SGD", "RMSprop"], "AdamW"),
 ORDER = ["model", "latents", "positive", "batch_size", "grad_accumulation_steps", "steps", "learning_rate", "rank",
          "optimizer", "loss_function", "seed", "training_dtype", "lora_dtype", "algorithm", "gradient_checkpointing",
          "existing_lora"]
-
-
-def weights(patcher) -> dict[str, torch.Tensor]:
-    patcher.patch_model()
-    try:
-        return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
-    finally:
-        patcher.unpatch_model()
 
 
 @pytest.fixture(scope="module")

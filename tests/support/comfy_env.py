@@ -118,3 +118,13 @@ def import_pack(name: str = PACK_NAME) -> types.ModuleType:
         mod.__spec__.loader.exec_module(mod)
         mod.__loralab_executed__ = True
     return mod
+
+
+def patched_weights(patcher_or_clip) -> dict:
+    """The weights a MODEL / CLIP would run with: patch, copy every tensor, unpatch (in place)."""
+    p = getattr(patcher_or_clip, "patcher", patcher_or_clip)
+    p.patch_model()
+    try:
+        return {k: v.detach().clone() for k, v in p.model.state_dict().items()}
+    finally:
+        p.unpatch_model()

@@ -136,6 +136,10 @@ COVERAGE = {
 def test_twin_corresponds_and_key_map_coverage(tiny_family, name):
     tiny = tiny_family(name)
     twin = F.twin(tiny)                                   # loads the converted weights strictly
+    # the same network: same input, same output (time, packing and sign conventions in
+    # families._TWIN_CALL), so a file written on the twin means the same to the ComfyUI model
+    comfy_out, twin_out = F.forward_pair(tiny, twin_model=twin)
+    assert rel_err(twin_out, comfy_out) <= TOL["twin_forward_fp32"]
     unused = sum(F.comfy_weights(tiny)[k].numel() for k in tiny.family.unused)
     assert sum(p.numel() for p in twin.parameters()) == F.num_params(tiny) - unused
     places = F.twin_map(tiny, twin)                       # raises if a twin weight is not in the model
@@ -194,25 +198,31 @@ def producer_deltas(tiny, producer: str, kwargs: dict, f: L.LoraFile) -> dict:
         got = L.diffusers_load_deltas(tiny, f.path)       # diffusers reads the file, PEFT merges
         twin_built, _ = L.peft_twin(tiny, **{k: v for k, v in kwargs.items() if k != "metadata"})
         built = L.peft_merge_deltas(twin_built)           # the in-memory adapter that was saved
-        assert set(built) == set(got)
+        assert set(built) == set(got) == set(F.twin_linears(tiny))
         for n in got:
             assert rel_err(got[n], built[n]) <= TOL["reference_fp32"], n
+        # end to end: the ComfyUI model plus the reference ΔW (fused-qkv slices, swapped scale /
+        # shift rows and all) computes what PEFT's own (unmerged) LoRA forward on the twin computes
+        comfy_out, twin_out = F.forward_pair(L.with_deltas(tiny, f), twin_model=twin_built)
+        assert rel_err(twin_out, comfy_out) <= TOL["twin_forward_fp32"]
+        assert rel_err(comfy_out, F.forward_pair(tiny)[0]) > 1e-3          # and the LoRA shows
     elif producer == "lycoris":
         twin, net, _ = L.lycoris_twin(tiny, **kwargs)
         got = L.lycoris_forward_deltas(twin, net)
+        assert set(got) == set(F.twin_linears(tiny))
     else:
+        assert len(f.deltas) == len(L.comfy_linear_modules(tiny))
         return L.core_deltas(tiny, f.path)                # kohya: ComfyUI core computes plain LoRA right
     return {places[n].target: places[n].to_comfy(d) for n, d in got.items()}
 
 
 @pytest.mark.parametrize("name,pid", CASES, ids=[f"{f}-{p}" for f, p in CASES])
 def test_lora_file_reference_matches_producer_and_core(tiny_family, family_lora, name, pid):
+    """Every Linear layer adapted, ΔW != 0 everywhere; the file's reference ΔW is the producer's."""
     tiny = tiny_family(name)
     producer, kwargs = PRODUCERS[pid]
     f = family_lora(tiny, producer, **kwargs)
-    assert f.deltas and all(d.abs().max() > 0 for d in f.deltas.values())     # ΔW != 0 everywhere
-    n_linear = len(L.comfy_linear_modules(tiny) if producer == "kohya" else F.twin_modules(F.twin(tiny), (torch.nn.Linear,)))
-    assert len(f.deltas) == n_linear                    # every Linear layer adapted
+    assert f.deltas and all(d.abs().max() > 0 for d in f.deltas.values())
 
     ref = producer_deltas(tiny, producer, kwargs, f)
     targets = {k: v for k, v in ref.items() if isinstance(k, str)} if producer == "kohya" else ref

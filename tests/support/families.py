@@ -409,11 +409,8 @@ def model_kwargs(m, inp: Inputs) -> dict:
 
 def forward(m, inp: Inputs | None = None) -> torch.Tensor:
     """The denoised prediction of the MODEL (with its patches, as sampling runs it)."""
-    import comfy.model_management as mm
-
     inp = inp or inputs(m)
-    patcher = _patcher(m)
-    mm.load_models_gpu([patcher])
+    patcher = _load(m)
     dev = patcher.load_device
     x = inp.x.to(dev)
     kw = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in model_kwargs(patcher, inp).items()}
@@ -438,10 +435,20 @@ def sample(m, inp: Inputs | None = None, *, steps: int = 1, cfg: float = 1.0, se
 
 
 # ---- diffusers twins -------------------------------------------------------------------------------
+def _load(m):
+    """Load the MODEL as sampling does (its patches applied to the shared weights); the patcher."""
+    import comfy.model_management as mm
+
+    patcher = _patcher(m)
+    mm.load_models_gpu([patcher])
+    return patcher
+
+
 def comfy_weights(m) -> dict[str, torch.Tensor]:
-    """The MODEL's diffusion-model weights (keys without "diffusion_model."), fp32 copies."""
-    sd = _patcher(m).model.diffusion_model.state_dict()
-    return {k: v.detach().float().clone() for k, v in sd.items()}
+    """The MODEL's diffusion-model weights as it runs (its patches applied), keys without
+    "diffusion_model.", fp32 CPU copies."""
+    sd = _load(m).model.diffusion_model.state_dict()
+    return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
 
 
 def _split_rows(sd: dict, key: str, parts: dict[str, int]) -> None:
@@ -557,20 +564,118 @@ def make_twin(name):
 
 
 def twin(m):
-    """The diffusers twin of the MODEL ``m`` holding the MODEL's current weights (fp32, CPU, eval).
-
-    Call it on an unpatched MODEL (ComfyUI unpatches a model when it unloads it): it copies the
-    weights the diffusion model holds now."""
+    """The diffusers twin of the MODEL ``m`` with the weights the MODEL runs with (its patches
+    merged, e.g. a LoRA applied by a loader node), fp32, CPU, eval."""
     return _twin_from(family(m), comfy_weights(m))
 
 
 def _twin_from(fam: Family, sd: dict[str, torch.Tensor]):
-    model = make_twin(fam)
+    from diffusers.models.modeling_utils import no_init_weights
+
+    with no_init_weights():          # every weight is loaded next (strictly): skip the random init
+        model = make_twin(fam)
     dsd = diffusers_state_dict(fam, sd)
     missing, unexpected = model.load_state_dict(dsd, strict=False)
     if missing or unexpected:
         raise AssertionError(f"{fam.twin} for tiny {fam.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
+
+
+# ---- the twin's forward against ComfyUI's -----------------------------------------------------------
+def raw_forward(m, inp: Inputs):
+    """The diffusion model's own output for ``inp`` as ``apply_model`` computes it before
+    ``calculate_denoised``: (output, (model input xc, timestep t, context, other kwargs))."""
+    base = _load(m).model
+    kw = model_kwargs(m, inp)
+    ms = base.model_sampling
+    xc = ms.calculate_input(inp.sigma, inp.x)
+    if "c_concat" in kw:
+        xc = torch.cat([xc, kw.pop("c_concat")], dim=1)
+    t = base.process_timestep(ms.timestep(inp.sigma).float(), x=inp.x, **kw)
+    context = kw.pop("c_crossattn", None)
+    with torch.no_grad():
+        return base.diffusion_model(xc, t, context=context, **kw), (xc, t, context, kw)
+
+
+def _pack(x):        # (B, C, H, W) -> (B, H/2 * W/2, C * 4): diffusers' Flux / Qwen-Image packing
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def _unpack(x, h, w):
+    b, _, d = x.shape
+    return x.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
+def _flux_ids(h, w):
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def _call_flux(fam, tw, xc, t, ctx, kw):
+    h, w = xc.shape[-2:]
+    out = tw(hidden_states=_pack(xc), encoder_hidden_states=ctx, pooled_projections=kw["y"], timestep=t,
+             img_ids=_flux_ids(h, w), txt_ids=torch.zeros(ctx.shape[1], 3),
+             guidance=kw["guidance"] if fam.guidance is not None else None).sample   # diffusers scales t, g by 1000
+    return _unpack(out, h, w)
+
+
+def _call_qwen(fam, tw, xc, t, ctx, kw):
+    x = xc[:, :, 0]
+    h, w = x.shape[-2:]
+    out = tw(hidden_states=_pack(x), encoder_hidden_states=ctx, encoder_hidden_states_mask=torch.ones(ctx.shape[:2]),
+             timestep=t, img_shapes=[[(1, h // 2, w // 2)]] * x.shape[0]).sample
+    return _unpack(out, h, w).unsqueeze(2)
+
+
+def _call_z_image(fam, tw, xc, t, ctx, kw):
+    out = tw(x=[x.unsqueeze(1) for x in xc], t=1 - t, cap_feats=list(ctx))
+    return -torch.stack([o.squeeze(1) for o in (out.sample if hasattr(out, "sample") else out[0])])
+
+
+# per family: the twin's call on ComfyUI's (xc, t, context, kwargs), in ComfyUI's output convention.
+# Time: ComfyUI hands the model t = sigma (Flux, Qwen: diffusers scales by 1000 inside) or
+# sigma * 1000 (SD3, Wan, HunyuanVideo); NextDiT takes 1 - sigma. Lumina 2, Z-Image and HiDream
+# return the negated velocity in ComfyUI (their diffusers pipelines negate it instead).
+_TWIN_CALL: dict[str, Callable] = {
+    "sd3": lambda f, tw, xc, t, ctx, kw: tw(hidden_states=xc, encoder_hidden_states=ctx, pooled_projections=kw["y"],
+                                            timestep=t).sample,
+    "flux": _call_flux, "flux_schnell": _call_flux, "qwen_image": _call_qwen, "z_image": _call_z_image,
+    "hunyuan_video": lambda f, tw, xc, t, ctx, kw: tw(
+        hidden_states=xc, timestep=t, encoder_hidden_states=ctx, encoder_attention_mask=torch.ones(ctx.shape[:2]),
+        pooled_projections=kw["y"], guidance=kw["guidance"] * 1000).sample,
+    "lumina2": lambda f, tw, xc, t, ctx, kw: -tw(
+        hidden_states=xc, timestep=1 - t, encoder_hidden_states=ctx,
+        encoder_attention_mask=torch.ones(ctx.shape[:2], dtype=torch.bool)).sample,
+    "hidream": lambda f, tw, xc, t, ctx, kw: -tw(
+        hidden_states=xc, timesteps=t, encoder_hidden_states_t5=ctx,
+        encoder_hidden_states_llama3=kw["encoder_hidden_states_llama3"].movedim(1, 0), pooled_embeds=kw["y"]).sample,
+    **{n: (lambda f, tw, xc, t, ctx, kw: tw(hidden_states=xc, timestep=t, encoder_hidden_states=ctx,
+                                            encoder_hidden_states_image=kw.get("clip_fea")).sample)
+       for n in ("wan21_t2v", "wan21_i2v", "wan22_ti2v")},
+}
+WAN_TEXT_TOKENS = 512   # diffusers' Wan I2V attention splits image / text context at a fixed 512 text tokens
+
+
+def forward_pair(m, inp: Inputs | None = None, twin_model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ComfyUI's diffusion-model output, the twin's on the same input) for the MODEL ``m``.
+
+    Equal up to float error when the twin is the same network with the same weights: the twin's
+    correspondence checked end to end (conventions of time, packing and sign in ``_TWIN_CALL``).
+    For Wan I2V the context is zero-padded to 512 tokens (on both sides)."""
+    fam = family(m)
+    inp = inp or inputs(m)
+    if fam.extra == "i2v" and inp.cond["cross_attn"].shape[1] < WAN_TEXT_TOKENS:
+        c = inp.cond["cross_attn"]
+        pad = torch.zeros(c.shape[0], WAN_TEXT_TOKENS - c.shape[1], c.shape[2])
+        inp = Inputs(inp.x, inp.sigma, {**inp.cond, "cross_attn": torch.cat([c, pad], dim=1)})
+    out, (xc, t, ctx, kw) = raw_forward(m, inp)
+    tw = twin_model if twin_model is not None else twin(m)
+    with torch.no_grad():
+        return out.float(), _TWIN_CALL[fam.name](fam, tw, xc.float(), t, ctx.float(),
+                                                 {k: (v.float() if torch.is_tensor(v) else v) for k, v in kw.items()}).float()
 
 
 @dataclass(frozen=True)
@@ -609,6 +714,20 @@ class Place:
 def twin_modules(twin_model, kinds=(torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)) -> dict[str, torch.nn.Module]:
     """The twin's LoRA-able layers: {module name: module} (Linear and Conv by default)."""
     return {n: mod for n, mod in twin_model.named_modules() if isinstance(mod, kinds)}
+
+
+_TWIN_LINEARS: dict[str, tuple[str, ...]] = {}
+
+
+def twin_linears(name) -> tuple[str, ...]:
+    """The names of the twin's Linear layers (what the LoRA writers adapt by default)."""
+    from diffusers.models.modeling_utils import no_init_weights
+
+    fam = family(name)
+    if fam.name not in _TWIN_LINEARS:
+        with no_init_weights():
+            _TWIN_LINEARS[fam.name] = tuple(twin_modules(make_twin(fam), (torch.nn.Linear,)))
+    return _TWIN_LINEARS[fam.name]
 
 
 _TWIN_MAPS: dict[str, dict[str, Place]] = {}

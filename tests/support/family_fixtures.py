@@ -32,6 +32,7 @@ __all__ = ["tiny_family", "tiny_sdxl", "family_lora", "family_models_left_as_fou
            *(f"tiny_{n}" for n in F.FAMILIES), "tiny_wan_t2v", "tiny_wan_i2v"]
 
 _SHARED: dict[str, tuple[object, dict]] = {}   # name -> (Tiny | SDXL, fingerprint)
+_USED: set[str] = set()                        # shared models the running test asked for
 
 
 def _params(shared) -> dict:
@@ -84,6 +85,7 @@ def _get(name: str, comfy):
             path = F.write_diffusion_model(fam, os.path.join(comfy.models_dir, "diffusion_models"))
             comfy.folder_paths.filename_list_cache.clear()
         _share(name, F.Tiny(F.build(fam, path=path), fam, path))
+    _USED.add(name)
     return _SHARED[name][0]
 
 
@@ -116,17 +118,26 @@ def tiny_sdxl(comfy):
     return _SHARED["sdxl"][0]
 
 
+def _used_by(request) -> set[str]:
+    names = {n[len("tiny_"):] for n in request.fixturenames if n.startswith("tiny_")}
+    names = {{"wan_t2v": "wan21_t2v", "wan_i2v": "wan21_i2v"}.get(n, n) for n in names}
+    return (names | _USED) & set(_SHARED)
+
+
 @pytest.fixture(autouse=True)
-def family_models_left_as_found():
+def family_models_left_as_found(request):
     """A test that leaves a shared family model's weights changed errors (in teardown); the weights
-    are restored so later tests are unaffected."""
+    are restored so later tests are unaffected. Only the models the test used are checked."""
+    _USED.clear()
     yield
-    if not _SHARED:
+    used = _used_by(request)
+    if not used:
         return
     import comfy.model_management as mm
 
     mm.unload_all_models()   # unpatches every loaded clone
-    for name, (shared, fp) in _SHARED.items():
+    for name in sorted(used):
+        shared, fp = _SHARED[name]
         changed = [k for k, v in _fingerprint(shared).items() if v != fp.get(k)]
         if changed:
             _restore(name, shared, changed)

@@ -106,10 +106,6 @@ def _read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         return {k: fh.get_tensor(k).float() for k in fh.keys()}, dict(fh.metadata() or {})
 
 
-def _linear_names(module: torch.nn.Module) -> list[str]:
-    return [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
-
-
 # ---- PEFT / diffusers ------------------------------------------------------------------------------
 def peft_twin(m, *, targets=None, rank: int = 4, alpha: float | None = None, rslora: bool = False,
               seed: int = 0, twin_model=None):
@@ -117,7 +113,7 @@ def peft_twin(m, *, targets=None, rank: int = 4, alpha: float | None = None, rsl
     from peft import LoraConfig
 
     tw = twin_model if twin_model is not None else F.twin(m)
-    names = _select(_linear_names(tw), targets)
+    names = _select(F.twin_linears(m), targets)
     if not names:
         raise ValueError("no target modules")
     pattern = "^(" + "|".join(n.replace(".", r"\.") for n in names) + ")$"   # exact names, not suffixes
@@ -239,7 +235,7 @@ def lycoris_twin(m, *, algo: str = "lora", targets=None, rank: int = 4, alpha: f
                  seed: int = 0, twin_model=None, **kwargs):
     """(twin, LycorisNetwork applied to it with seeded non-zero factors, {lycoris name: twin module})."""
     tw = twin_model if twin_model is not None else F.twin(m)
-    names = _select(_linear_names(tw), targets)
+    names = _select(F.twin_linears(m), targets)
     with _lycoris_preset(names) as net_cls:
         net = net_cls(tw, multiplier=1.0, lora_dim=rank, alpha=alpha, network_module=algo, factor=factor,
                       warn_on_unmatched=False, **kwargs)
@@ -400,6 +396,15 @@ def full_deltas(f: LoraFile, shapes: dict[str, tuple] | None = None) -> dict[str
     return out
 
 
+def with_deltas(m, f: LoraFile, strength: float = 1.0):
+    """A clone of the MODEL with the file's REFERENCE ΔW added as plain "diff" patches: what a
+    correct loader must produce (compare its forward, or ``forward_pair`` against a twin that runs
+    the producer's own LoRA forward)."""
+    patcher = F._patcher(m).clone()
+    patcher.add_patches({k: (d,) for k, d in full_deltas(f, model_shapes(m)).items()}, strength)
+    return patcher
+
+
 def model_shapes(m) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in F._patcher(m).model.state_dict().items()}
 
@@ -410,12 +415,9 @@ def core_deltas(m, path: str, strength: float = 1.0) -> dict[str, torch.Tensor]:
     import comfy.sd
     import comfy.utils
 
-    from .comfy_env import patched_weights
-
     patcher = F._patcher(m)
     lora = comfy.utils.load_torch_file(path, safe_load=True)
     patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0)
-    after = patched_weights(patched)
-    before = patcher.model.state_dict()
-    return {k: (after[k].float() - before[k].float()) for k in after
-            if not torch.equal(after[k], before[k])}
+    after = F.comfy_weights(patched)      # loaded as sampling loads it: core's patches applied
+    before = F.comfy_weights(patcher)     # and the MODEL as it came (loaded last)
+    return {F.UNET + k: after[k] - before[k] for k in after if not torch.equal(after[k], before[k])}

@@ -277,3 +277,15 @@ def test_lycoris_merge_to_scales_loha_twice(tiny_flux):
     fwd = L.lycoris_forward_deltas(twin, net)["transformer_blocks.0.attn.to_q"]
     merged = L.lycoris_merge_deltas(twin, net)["transformer_blocks.0.attn.to_q"]
     assert rel_err(merged, fwd * 0.5) <= TOL["reference_fp32"]
+
+
+def test_shared_model_guard_restores_a_changed_family_model(tiny_flux):
+    """The fixture guard's repair path (it runs when a test forgets to clone before patching)."""
+    from support import family_fixtures as FX
+
+    w = tiny_flux.model.model.diffusion_model.img_in.weight
+    before = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)
+    FX._restore("flux", tiny_flux, [F.UNET + "img_in.weight"])
+    assert torch.equal(w, before)

@@ -18,10 +18,12 @@ How to use (after the ``comfy`` fixture, or ``comfy_env.setup``)::
     pos = inp.conditioning()                 # [[cross_attn, {"pooled_output": …}]] for nodes
 
     twin = F.twin(m)                         # diffusers FluxTransformer2DModel, same weights
+    comfy_out, twin_out = F.forward_pair(m, inp, twin)   # equal: the same network
     place = F.twin_map(m)["transformer_blocks.0.attn.to_k"]
     place.key, place.offset                  # "diffusion_model.double_blocks.0.img_attn.qkv.weight",
                                              # (0, 128, 128): rows 128..255 of the fused qkv
     F.coverage(m)                            # per diffusers Linear: what comfy.lora's key map does
+    F.coverage_table(m)                      # the same by module pattern ("transformer_blocks.N.attn.to_q")
 
     path = F.write_diffusion_model("wan21_t2v", folder)   # a file UNETLoader loads (detected families)
     sdxl = F.tiny_sdxl(folder)                # SDXL(model, clip, vae, path) from a real checkpoint
@@ -47,10 +49,29 @@ family's ``why`` says what in 0.3.75's detection prevents small dims.
 
 Twins: ``twin(m)`` is the diffusers model with the same dimensions and the same weights, converted
 from ComfyUI's layout by diffusers' own single-file converters (``diffusers.loaders.
-single_file_utils``: independent of ComfyUI), or by the inverse of ComfyUI's converter where
-diffusers' hard-codes full-size dims (Flux). ``twin_map`` says where each twin weight lives in the
-ComfyUI model, found from the weights' VALUES (each twin row is looked up among the ComfyUI rows),
-so it does not trust any key map; ``coverage`` checks ComfyUI's LoRA key map against it.
+single_file_utils``: independent of ComfyUI; where they split fused weights at hard-coded full-size
+dims, the split is done here first, by our dims), or by the inverse of ComfyUI's own
+``comfy.utils.flux_to_diffusers`` for Flux (diffusers' converter hard-codes hidden size 3072).
+``forward_pair`` runs both networks on one input: they agree to float error for every family.
+``twin_map`` says where each twin weight lives in the ComfyUI model, found from the weights' VALUES
+(each twin row is looked up among the ComfyUI rows), so it trusts no key map; ``coverage`` checks
+ComfyUI's LoRA key map (``comfy.lora.model_lora_keys_unet``) against it, per naming scheme.
+
+What ComfyUI 0.3.75's key map does with diffusers module names ("transformer.<name>" as diffusers /
+PEFT save them, "lycoris_<name_>" as LyCORIS on the diffusers model, "lora_transformer_<name_>" as
+OneTrainer, "diffusion_model.<name>"), every Linear and Conv of each twin, checked by value:
+    sd3, flux, flux_schnell   transformer. / lycoris_ / lora_transformer_: all mapped, fused q/k/v
+                              slices and swapped norm_out scale/shift included; diffusion_model.:
+                              none (SD3: only context_embedder, whose name is ComfyUI's too)
+    qwen_image, hidream       transformer. / lycoris_ / diffusion_model.: all mapped (ComfyUI's
+                              names are diffusers'); lora_transformer_: none
+    z_image                   lycoris_ / diffusion_model.: all mapped; transformer.: none (what
+                              diffusers' save_lora_weights writes is dropped)
+    wan21_*, wan22_ti2v,      none in any naming (only where a diffusers name equals ComfyUI's:
+    hunyuan_video, lumina2    Wan's patch_embedding, Lumina 2's x_embedder as diffusion_model.*)
+    all families              kohya names of ComfyUI's own module paths (lora_unet_<path_>): all
+HunyuanVideo's "transformer." entries in ComfyUI are for the ORIGINAL (Tencent / diffusion-pipe)
+module names (img_attn_qkv, ...), not diffusers'. tests/comfy/test_families.py pins this table.
 
 Everything here imports ComfyUI lazily: call it after the ``comfy`` fixture (or ``comfy_env.setup``).
 """

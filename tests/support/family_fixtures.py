@@ -96,11 +96,10 @@ def tiny_family(comfy):
 
 
 def _family_fixture(name: str):
-    @pytest.fixture(scope="session")
     def fixture(tiny_family):
         return tiny_family(name)
-    fixture.__doc__ = f"The shared tiny {name} (families.Tiny)."
-    return fixture
+    fixture.__doc__ = f"The shared tiny {name} (families.Tiny(model, family, path))."
+    return pytest.fixture(scope="session")(fixture)
 
 
 for _name in F.FAMILIES:

@@ -16,8 +16,18 @@ How to use (after the ``comfy`` fixture)::
     f = L.write_lycoris(m, path, algo="loha")             # LyCORIS save_weights ("lora", "loha", "lokr")
     f = L.write_kohya(m, path, rank=4, alpha=2.0)         # sd-scripts / musubi-tuner names
     f.deltas                                              # {target: ΔW}
-    L.full_deltas(f)                                      # {ComfyUI key: ΔW of the whole weight}
+    L.full_deltas(f, L.model_shapes(m))                   # {ComfyUI key: ΔW of the whole weight}
     L.core_deltas(m, f.path)                              # what ComfyUI core's LoraLoader applies
+    L.with_deltas(m, f)                                   # a MODEL clone patched with the reference
+    L.diffusers_load_deltas(m, f.path)                    # {twin module: ΔW} as diffusers + PEFT read it
+    twin, net, _ = L.lycoris_twin(m, algo="loha")         # LyCORIS' own network on the twin ...
+    L.lycoris_forward_deltas(twin, net)                   # ... and the ΔW its forward applies
+
+What ComfyUI 0.3.75's LoraLoader does with these files (pinned in tests/comfy/test_families.py):
+kohya files load exactly on every family; PEFT / LyCORIS files on the twin's names load exactly
+where the key map has the names (see families' coverage table) and are dropped whole where it has
+not (Wan, HunyuanVideo, Lumina 2; Z-Image's "transformer." files); a PEFT file whose alpha differs
+from its rank loads at scale 1, because core ignores the lora_adapter_metadata header.
 
 Producers and names, one module (Flux, first double block, image attention q):
     peft     transformer.transformer_blocks.0.attn.to_q.lora_A.weight / .lora_B.weight
@@ -161,7 +171,8 @@ def write_peft(m, path: str, *, targets=None, rank: int = 4, alpha: float | None
 
 def _peft_reference(m, path: str, fam) -> LoraFile:
     """ΔW per twin module from the file: B @ A · lora_alpha / r (/ sqrt(r) with use_rslora), with
-    r / lora_alpha / rank_pattern / alpha_pattern from the lora_adapter_metadata header."""
+    r / lora_alpha / use_rslora from the lora_adapter_metadata header (rank_pattern / alpha_pattern:
+    exact-name entries only; the writers here leave both empty)."""
     sd, header = _read(path)
     meta = json.loads(header["lora_adapter_metadata"]) if "lora_adapter_metadata" in header else {}
     cfg = {k[len("transformer."):]: v for k, v in meta.items() if k.startswith("transformer.")}

@@ -35,7 +35,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 # ---- constants the entries use --------------------------------------------------------------------
 SD_KEYS = "sd_keys"     # key map: lora.sd_keys.model_key_map works without ComfyUI (SD1.x, SD2.x, SDXL)
@@ -258,8 +258,8 @@ ARCHS: tuple[Arch, ...] = (
          )),
     Arch("svd", "Stable Video Diffusion", names={"native": _LDM}, marks=(_TEMPORAL,),
          probes=(Probe(_ATTN2, frozenset({1024}), "conditioning width"),),
-         variants=(_v("svd", "Stable Video Diffusion", "SVD_img2vid"), _v("sv3d-u", "SV3D_u", "SV3D_u"),
-                   _v("sv3d-p", "SV3D_p", "SV3D_p"))),
+         variants=(_v("svd", "Stable Video Diffusion", "SVD_img2vid"), _v("sv3d-u", "SV3D-u", "SV3D_u"),
+                   _v("sv3d-p", "SV3D-p", "SV3D_p"))),
     Arch("stable-cascade", "Stable Cascade",
          names={"native": (r"(prior_)?(down|up)_blocks_\d+_\d+_(attention_attn_(to_[qkv]|out_proj)|kv_mapper_1"
                            r"|channelwise_[04]|depthwise_0)$",
@@ -538,11 +538,13 @@ def by_comfy_class(name: str, config: Mapping[str, Any] | None = None,
 
     Where several variants share a class, ``config`` (the model's ``unet_config``) and ``prediction``
     ("eps", "v", "flow") pick the one whose ``config`` / ``prediction`` entries all match, the most
-    specific first; a variant without such entries is the default. None for an unknown class.
+    specific first; a variant without such entries is the default, and when none fits (no config
+    given) the first variant listing the class. None for a class no entry lists.
     """
     config = config or {}
+    listing = [v for a in ARCHS for v in a.variants if name in v.comfy]
     best, best_n = None, -1
-    for v in (v for a in ARCHS for v in a.variants if name in v.comfy):
+    for v in listing:
         if any(config.get(k) != want for k, want in v.config.items()):
             continue
         if v.prediction is not None and v.prediction != prediction:
@@ -550,7 +552,7 @@ def by_comfy_class(name: str, config: Mapping[str, Any] | None = None,
         n = len(v.config) + (v.prediction is not None)
         if n > best_n:
             best, best_n = v, n
-    return best
+    return best or (listing[0] if listing else None)
 
 
 def by_metadata(metadata: Mapping[str, str] | None) -> tuple[Arch | None, Variant | None, str | None]:
@@ -672,7 +674,7 @@ def identify(shapes: Mapping[str, Any], metadata: Mapping[str, str] | None = Non
     parts = _parts(shapes, found is not None) if kind == "weights" else ()
     if found is None:
         if named_arch is not None:
-            return Identity(kind, named_arch, named_variant, "medium", f"named by its metadata: {named_text}",
+            return Identity(kind, named_arch, named_variant, "medium", "by its metadata; its keys fit no known family",
                             "metadata" if named_variant else None, parts=parts, **named)
         return Identity(kind, parts=parts, why="no key names of a known architecture" if modules else "no keys",
                         **named)

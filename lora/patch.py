@@ -102,10 +102,10 @@ def _diagnose(m: Match, file: Identity | None, model: Identity | None) -> tuple[
         if file.arch is not model.arch or file.variant_by != "keys" or file.variant is model.variant:
             advice.append(f"The file is {a(file.name)} LoRA ({file.why}). Load it on {a(file.name)} model.")
         else:   # same family, another variant told by the keys
-            marked = {flat_name(p) for p in m.unmatched} & set(file.marked)
-            if marked:
+            marked = [p for p in m.unmatched if flat_name(p) in set(file.marked)]
+            if marked:   # listed by name in the "not in this model" line below
                 advice.append(f"{len(marked)} of its modules are {file.variant.marks_are}; this model has no such "
-                              f"layers, so they are left out: {describe(marked, 4)}.")
+                              "layers, so they are left out.")
             advice.append(f"Pick {a(file.variant.name)} model to use all of it.")
     elif not m.n_matched_keys and m.n_file_keys:
         if file.arch is None:

@@ -411,3 +411,18 @@ def test_mismatch_needs_evidence():
     big = arch.identify_model("WAN21_T2V", {}, shapes={"blocks.0.self_attn.q.weight": (5120, 5120)})
     assert big.name == "Wan 2.1/2.2 T2V 14B"
     assert mismatch(small, big) == "a Wan 1.3B LoRA on a Wan 2.1/2.2 T2V 14B model"
+
+
+def test_readme_lists_every_family_and_variant():
+    """README's "Model families" table is the users' view of the table: keep them in step."""
+    import os
+
+    from support.comfy_env import REPO_ROOT
+
+    with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    rows = {line.split(" | ")[0].strip("| "): line for line in readme.split("### Model families")[1].splitlines()
+            if line.startswith("| ") and " | " in line}
+    for a in arch.ARCHS:
+        assert a.name in rows, a
+        assert all(v.name in rows[a.name] for v in a.variants), a

@@ -46,8 +46,6 @@ IMPL_SGM = "https://github.com/Stability-AI/generative-models"
 IMPL_DIFFUSERS = "diffusers"
 IMPL_FLUX = "https://github.com/black-forest-labs/flux"
 
-_N = r"_\d+_"   # "_<block index>_" inside a flat name
-
 
 @dataclass(frozen=True)
 class Probe:
@@ -741,7 +739,11 @@ def flat_name(module: str) -> str:
 
 
 def _shape(value) -> tuple[int, ...]:
-    return tuple(int(n) for n in getattr(value, "shape", value))
+    """A tensor's, a torch.Size's or a tuple's shape; () for anything else (a state dict's extra state)."""
+    try:
+        return tuple(int(n) for n in getattr(value, "shape", value))
+    except (TypeError, ValueError):
+        return ()
 
 
 class _Modules(dict):

@@ -211,14 +211,14 @@ class Report:
     patched_clip: int = 0
 
 
-def model_arch(model, prediction: str | None = None) -> arch.Identity | None:
-    """What a MODEL is, from the table: its variant by ComfyUI model-config class (and unet_config,
-    ``prediction`` where variants differ only in that), its width from its weights' shapes."""
+def model_arch(model) -> arch.Identity | None:
+    """What a MODEL is, from the table: its variant by ComfyUI model-config class and unet_config, its
+    width (for the size label) from its weights' shapes."""
     if model is None:
         return None
     config = model.model.model_config
-    shapes = {k: v.shape for k, v in model.model.diffusion_model.state_dict().items()}
-    return arch.identify_model(type(config).__name__, config.unet_config, prediction, shapes)
+    shapes = {k: getattr(v, "shape", ()) for k, v in model.model.diffusion_model.state_dict().items()}
+    return arch.identify_model(type(config).__name__, config.unet_config, shapes=shapes)
 
 
 def key_map(model, clip) -> dict:

@@ -301,6 +301,7 @@ def peft_file(model: torch.nn.Module, prefix: str = "transformer.") -> dict[str,
     return {prefix + k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")     # diffusers' own deprecations inside its classes
 @pytest.mark.parametrize("case", list(DIFFUSERS))
 def test_identify_diffusers_peft_files(case):
     import diffusers

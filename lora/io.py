@@ -45,6 +45,19 @@ def read(path: str, *, check: bool = True) -> LoraFile:
     return LoraFile(path, tensors, metadata)
 
 
+def read_header(path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]] | None:
+    """(key -> shape, metadata) of a safetensors file, reading only its header (cheap even for a
+    many-GB checkpoint); None for other formats or an unreadable header (``read`` then says why)."""
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        return None
+    try:
+        from safetensors import safe_open
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception:   # noqa: BLE001 - any failure here is reported by read() with its reason
+        return None
+
+
 def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 

@@ -7,7 +7,6 @@ layer a name means - matching against a model's actual keys does that.
 """
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 _TE = {"text_encoder.": "lora_te_", "text_encoder_2.": "lora_te2_"}
@@ -49,31 +48,6 @@ def canonical(prefix: str) -> str:
 
 def _flat(dotted: str) -> str:
     return dotted.replace(".", "_")
-
-
-# ---- what a file / a model looks like --------------------------------------------------------------
-_CONTEXT_DIM_ARCH = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}
-
-
-def guess_file_arch(shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """Best guess of the base model a LoRA file was made for, from its key names and shapes.
-
-    The input width of cross-attention ``to_k``/``to_v`` is the text-context width, which tells
-    SD1.x (768), SD2.x (1024) and SDXL (2048) apart; text encoder 2 keys also mean SDXL.
-    """
-    names = list(shapes)
-    for k in names:
-        if re.search(r"attn2[._]to_[kv]", k) and re.search(r"(lora_down|lora_A|lora\.down|_lora\.down|down)[._]weight$|lora_A$", k):
-            arch = _CONTEXT_DIM_ARCH.get(shapes[k][1] if len(shapes[k]) > 1 else -1)
-            if arch:
-                return arch
-    if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in names):
-        return "SDXL"
-    if any(k.startswith(("lora_transformer_", "transformer.")) for k in names):
-        return "a transformer (DiT) model"
-    if any(k.startswith(("lora_unet_", "unet.", "lora_te", "text_encoder.")) for k in names):
-        return "SD1.x/SD2.x/SDXL-family"
-    return None
 
 
 def describe(names: Iterable[str], limit: int = 8) -> str:

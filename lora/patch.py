@@ -13,6 +13,7 @@ import torch
 
 from .adapters import Parsed
 from .adapters.base import Adapter
+from .arch import Identity, a, flat_name
 from .errors import LoraError, check_finite
 from .keys import canonical, describe
 
@@ -37,18 +38,91 @@ class Match:
     def ok(self) -> bool:
         return bool(self.targets)
 
-    def summary(self, model_arch: str | None = None, file_arch: str | None = None) -> str:
-        head = f"{self.file}: {self.n_matched_keys} of {self.n_file_keys} keys match this model"
-        lines = [head + (f" ({len(self.targets)} tensors patched)" if self.targets else "")]
-        if not self.targets and file_arch and model_arch and file_arch != model_arch:
-            lines[0] += f": the file looks like an {file_arch} LoRA, the model is {model_arch}"
-        elif not self.targets and file_arch:
-            lines[0] += f": the file looks like a LoRA for {file_arch}"
+    def summary(self, file: Identity | None = None, model: Identity | None = None) -> str:
+        """The load report: how much matched, and when something is off, why and what to do.
+
+        ``file``: ``arch.identify`` of the file (keys, shapes, metadata); ``model``: the model's
+        Identity (``arch.identify_model`` in ComfyUI, ``arch.identify`` of its tensors standalone).
+        The first line always starts "NAME: N of M keys match this model" (the UI parses it).
+        """
+        head = f"{self.file}: {self.n_matched_keys} of {self.n_file_keys} keys match this model " \
+               f"({_share(self.n_matched_keys, self.n_file_keys)}"
+        head += f", {len(self.targets)} tensors patched)" if self.targets else ")"
+        verdict, advice = _diagnose(self, file, model)
+        lines = [head + (f": {verdict}" if verdict else "")] + advice
         if self.unmatched:
             lines.append(f"{len(self.unmatched)} module(s) not in this model: {describe(self.unmatched)}")
-        if self.unknown:
+        if self.unknown and not (file is not None and file.kind == "weights"):   # a checkpoint: said above
             lines.append(f"{len(self.unknown)} key(s) of no known format: {describe(self.unknown)}")
         return "\n".join(lines)
+
+
+def _share(n: int, total: int) -> str:
+    """'99%' (rounded down, so only a full match reads 100%), '<1%' for a few of very many."""
+    if not total:
+        return "0%"
+    pct = 100 * n // total
+    return "<1%" if n and not pct else f"{pct}%"
+
+
+# where a file of plain weights belongs, by the parts it holds
+_WEIGHTS_HOME = {
+    ("diffusion model",): ("diffusion-model checkpoint", "models/diffusion_models (Load Diffusion Model)"),
+    ("text encoder",): ("text-encoder checkpoint", "models/text_encoders (Load CLIP)"),
+    ("VAE",): ("VAE checkpoint", "models/vae (Load VAE)"),
+}
+
+
+def mismatch(file: Identity | None, model: Identity | None) -> str | None:
+    """"an SDXL LoRA on an SD1.5 model" when the file was made for another architecture, another
+    variant (told by its keys) or another size than the model; None when nothing says so."""
+    if file is None or model is None or file.arch is None or model.arch is None or file.kind == "weights":
+        return None
+    other_variant = (file.variant_by == "keys" and file.variant is not None and model.variant is not None
+                     and file.variant is not model.variant and bool(file.variant.comfy))
+    other_width = file.width is not None and model.width is not None and file.width != model.width
+    if file.arch is model.arch and not other_variant and not other_width:
+        return None
+    return f"{a(file.name)} LoRA on {a(model.name)} model"
+
+
+def _diagnose(m: Match, file: Identity | None, model: Identity | None) -> tuple[str | None, list[str]]:
+    """(what is wrong, for the first line; lines saying why and what to do)."""
+    if file is None:
+        return None, []
+    advice = []
+    if file.kind == "weights":
+        label, home = _WEIGHTS_HOME.get(file.parts, ("checkpoint", "models/checkpoints (Load Checkpoint)"))
+        label = f"{file.name} {label}" if file.arch is not None else label
+        held = " and ".join(filter(None, (", ".join(file.parts[:-1]), file.parts[-1]))) if file.parts else "model"
+        advice.append(f"It holds plain {held} weights and no LoRA factors. It belongs in {home}, not in loras.")
+        return f"this file is {a(label)}, not a LoRA", advice
+    verdict = mismatch(file, model)
+    if verdict is not None:
+        if file.arch is not model.arch or file.variant_by != "keys" or file.variant is model.variant:
+            advice.append(f"The file is {a(file.name)} LoRA ({file.why}). Load it on {a(file.name)} model.")
+        else:   # same family, another variant told by the keys
+            marked = [p for p in m.unmatched if flat_name(p) in set(file.marked)]
+            if marked:   # listed by name in the "not in this model" line below
+                advice.append(f"{len(marked)} of its modules are {file.variant.marks_are}; this model has no such "
+                              "layers, so they are left out.")
+            advice.append(f"Pick {a(file.variant.name)} model to use all of it.")
+    elif not m.n_matched_keys and m.n_file_keys:
+        if file.arch is None:
+            verdict = "its keys are of no architecture LoRA Lab knows"
+        elif model is None or model.arch is None:
+            verdict = f"the file looks like {a(file.name)} LoRA"
+        else:
+            verdict = f"{a(file.name)} LoRA, like the model, but none of its key names are ones this model has"
+            if file.naming not in (None, "native"):
+                advice.append(f"It uses {file.naming} key names; convert them to this model's own names.")
+    if file.named_text:
+        if file.named_arch is not None and file.arch is not None and file.named_arch is not file.arch:
+            advice.append(f"Its metadata names {file.named_text} as its base model, but its keys are those of "
+                          f"{a(file.name)} LoRA.")
+        else:
+            advice.append(f"Base model named in its metadata: {file.named_text}.")
+    return verdict, advice
 
 
 def bias_key(key: Any) -> Any:
@@ -156,17 +230,19 @@ def load_into(obj: torch.nn.Module | Mapping[str, torch.Tensor], path: str, stre
     Returns the restore handle and the match report; raises LoraError when nothing matches.
     """
     from .adapters import parse
+    from .arch import SD_KEYS, identify
     from .io import read
-    from .keys import guess_file_arch
-    from .sd_keys import detect_arch, model_key_map
+    from .sd_keys import model_key_map
 
     tensors = tensors_of(obj)
     f = read(path)
+    model = identify(tensors)
+    if key_map is None and model.arch is not None and model.arch.key_map != SD_KEYS:
+        raise LoraError(f"the standalone key map covers SD1.x, SD2.x and SDXL; this model looks like "
+                        f"{a(model.name)} model ({model.why}): pass its key_map", file=f.name)
     parsed = parse(f.tensors, file=f.name, options={**(options or {}), "metadata": f.metadata})
     km = key_map if key_map is not None else model_key_map(list(tensors), {k: t.shape for k, t in tensors.items()})
     m = match(parsed, km, file=f.name, n_file_keys=len(f.tensors))
     if not m.targets:
-        arch = detect_arch(list(tensors), {k: t.shape for k, t in tensors.items()})
-        raise LoraError(m.summary(arch, guess_file_arch({k: tuple(v.shape) for k, v in f.tensors.items()})),
-                        file=f.name)
+        raise LoraError(m.summary(identify(f.tensors, f.metadata), model), file=f.name)
     return apply(tensors, [(t.key, t.adapter, strength) for t in m.targets]), m

@@ -41,8 +41,6 @@ import re
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence, Union
 
-from .keys import _CONTEXT_DIM_ARCH
-
 Slice = tuple[str, int, int, int]
 KeyTarget = Union[str, Slice]
 
@@ -400,18 +398,3 @@ def _te_names(out, prefix, kind, heads, clip, inner, shape) -> None:
                 _put(out, head + _flat(module), target)
             if clip:
                 _put(out, f"text_encoders.{clip}.transformer.{module}", target)
-
-
-# ---- which model is it -------------------------------------------------------------------------
-def detect_arch(keys: Iterable[str] | Mapping[str, Any], shapes: Mapping[str, Any] | None = None) -> str | None:
-    """"SD1.5", "SD2.x", "SDXL" or None, from the text-context width that cross-attention reads.
-
-    ``attn2.to_k`` maps the text context (768 wide for SD1, 1024 for SD2, 2048 for SDXL) to the
-    attention width; its weight is ``(inner, context)``. Names are the same in ldm and diffusers.
-    """
-    for k in keys:
-        if k.endswith("attn2.to_k.weight"):
-            shape = _shape_of(keys, shapes, k)
-            if shape and len(shape) == 2:
-                return _CONTEXT_DIM_ARCH.get(int(shape[1]))
-    return None

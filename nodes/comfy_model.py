@@ -21,16 +21,14 @@ import comfy.patcher_extension
 import comfy.utils
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..lora import LoraError, guess_file_arch, match, parse, read
+from ..lora import LoraError, Parsed, arch, match, parse, read
+from ..lora.io import read_header
 from ..lora import bypass as bypass_mode
 from ..lora.adapters.base import Adapter
 from ..lora.keys import canonical
+from ..lora.patch import mismatch
 
 log = logging.getLogger("LoRA Lab")
-
-_ARCH_NAMES = {"SD15": "SD1.5", "SD20": "SD2.x", "SD21UnclipL": "SD2.x", "SD21UnclipH": "SD2.x",
-               "SDXL": "SDXL", "SDXLRefiner": "SDXL Refiner", "SSD1B": "SDXL", "Segmind_Vega": "SDXL",
-               "SD3": "SD3", "Flux": "Flux", "FluxSchnell": "Flux"}
 
 
 def _is_identity(function) -> bool:
@@ -213,11 +211,14 @@ class Report:
     patched_clip: int = 0
 
 
-def model_arch(model) -> str | None:
+def model_arch(model) -> arch.Identity | None:
+    """What a MODEL is, from the table: its variant by ComfyUI model-config class and unet_config, its
+    width (for the size label) from its weights' shapes."""
     if model is None:
         return None
-    cls = type(model.model.model_config).__name__
-    return _ARCH_NAMES.get(cls, cls)
+    config = model.model.model_config
+    shapes = {k: getattr(v, "shape", ()) for k, v in model.model.diffusion_model.state_dict().items()}
+    return arch.identify_model(type(config).__name__, config.unet_config, shapes=shapes)
 
 
 def key_map(model, clip) -> dict:
@@ -261,10 +262,10 @@ def load_lora(model, clip, source, strength_model: float, strength_clip: float, 
     """
     if isinstance(source, dict):
         name = "LORA_MODEL input"
-        parsed, n_keys, shapes = _parsed_dict(source, name, options or {})
+        parsed, n_keys, file_arch = _parsed_dict(source, name, options or {})
     else:
         name = os.path.basename(source)
-        parsed, n_keys, shapes = _parsed(source, options or {}, cache)
+        parsed, n_keys, file_arch = _parsed(source, options or {}, cache)
     use_model = model is not None and strength_model != 0.0
     use_clip = clip is not None and strength_clip != 0.0
     km = key_map(model, clip)
@@ -276,11 +277,15 @@ def load_lora(model, clip, source, strength_model: float, strength_clip: float, 
         roots.append(model.model)
     if clip is not None:
         roots.append(clip.cond_stage_model)
+    model_id = model_arch(model)
     patches = {}
     for t in m.targets:
         shape = next((s for s in (_target_shape(r, t.key) for r in roots) if s is not None), None)
         if shape is not None:
-            t.adapter.check_target(shape, t.key if isinstance(t.key, str) else t.key[0])
+            try:
+                t.adapter.check_target(shape, t.key if isinstance(t.key, str) else t.key[0])
+            except LoraError as e:
+                raise _with_diagnosis(e, file_arch, model_id) from None
         patches[t.key] = ComfyPatch(t.adapter)
 
     new_model, new_clip = model, clip
@@ -296,7 +301,7 @@ def load_lora(model, clip, source, strength_model: float, strength_clip: float, 
         n_clip, k = _patch(new_clip.patcher, clip.cond_stage_model, patches, strength_clip, bypass)
         merged_instead += k
 
-    text = m.summary(model_arch(model), guess_file_arch(shapes))
+    text = m.summary(file_arch, model_id)
     how = "bypassed (applied in the forward pass)" if bypass else "patched"
     text += f"\n{how} {n_model} model tensor(s) at strength {strength_model:g}"
     if clip is not None:
@@ -310,13 +315,23 @@ def load_lora(model, clip, source, strength_model: float, strength_clip: float, 
     return new_model, new_clip, Report(text, n_model, n_clip)
 
 
+def _with_diagnosis(e: LoraError, file_arch, model_id) -> LoraError:
+    """A shape error, plus what the file and the model are when they differ (a 1.3B LoRA on a 14B model)."""
+    said = mismatch(file_arch, model_id)
+    if said is None:
+        return e
+    out = LoraError(f"{e}. The file is {said} ({file_arch.why}): load it on {arch.a(file_arch.name)} model")
+    out.file, out.key = e.file, e.key
+    return out
+
+
 def _parsed_dict(sd: dict, name: str, options: dict):
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise LoraError(f"LORA_MODEL must map key names to tensors; {len(bad)} value(s) are not tensors "
                         f"(first: {bad[0]!r})", file=name)
     parsed = parse(sd, file=name, options=options)
-    return parsed, len(sd), {k: tuple(v.shape) for k, v in sd.items()}
+    return parsed, len(sd), arch.identify(sd)
 
 
 def _parsed(path: str, options: dict, cache: dict | None):
@@ -324,9 +339,15 @@ def _parsed(path: str, options: dict, cache: dict | None):
     ident = (path, st.st_mtime_ns, st.st_size, tuple(sorted(options.items())))
     if cache is not None and cache.get("ident") == ident:
         return cache["value"]
-    f = read(path)
-    parsed = parse(f.tensors, file=f.name, options={**options, "metadata": f.metadata})
-    value = (parsed, len(f.tensors), {k: tuple(v.shape) for k, v in f.tensors.items()})
+    header = read_header(path)
+    identity = arch.identify(*header) if header else None
+    if identity is not None and identity.kind == "weights":
+        # a checkpoint in the loras folder: say so from its header, without reading gigabytes of weights
+        value = (Parsed({}, {}, sorted(header[0])), len(header[0]), identity)
+    else:
+        f = read(path)
+        parsed = parse(f.tensors, file=f.name, options={**options, "metadata": f.metadata})
+        value = (parsed, len(f.tensors), identity or arch.identify(f.tensors, f.metadata))
     if cache is not None:
         cache.clear()
         cache.update(ident=ident, value=value)

@@ -19,6 +19,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
+from ..lora import arch
 from ..lora.io import read, resolve_in
 from ..training import adapters, loop, objective, resume
 from ..training.errors import TrainingError
@@ -28,21 +29,6 @@ from . import comfy_model
 log = logging.getLogger("LoRA Lab")
 NONE = "[None]"
 
-# ComfyUI model config class -> (kohya ss_base_model_version, SAI modelspec architecture, implementation)
-_SGM = "https://github.com/Stability-AI/generative-models"
-_ARCH = {
-    "SD15": ("sd_v1", "stable-diffusion-v1", "diffusers"),
-    "SD20": ("sd_v2", "stable-diffusion-v2-512", "diffusers"),
-    "SD21UnclipL": ("sd_v2", "stable-diffusion-v2-unclip-l", "diffusers"),
-    "SD21UnclipH": ("sd_v2", "stable-diffusion-v2-unclip-h", "diffusers"),
-    "SDXL": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", _SGM),
-    "SDXLRefiner": ("sdxl_refiner_v1-0", "stable-diffusion-xl-v1-refiner", _SGM),
-    "SSD1B": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", _SGM),
-    "Segmind_Vega": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", _SGM),
-    "SD3": ("sd3", "stable-diffusion-3-medium", _SGM),
-    "Flux": ("flux1", "flux-1-dev", "https://github.com/black-forest-labs/flux"),
-    "FluxSchnell": ("flux1", "flux-1-schnell", "https://github.com/black-forest-labs/flux"),
-}
 # first match wins: EDM and X0 subclass V_PREDICTION / EPS but predict something else
 _PREDICTION = [(comfy.model_sampling.EDM, None), (comfy.model_sampling.X0, None),
                (comfy.model_sampling.V_PREDICTION, "v"), (comfy.model_sampling.EPS, "eps"),
@@ -51,14 +37,17 @@ _PREDICTION = [(comfy.model_sampling.EDM, None), (comfy.model_sampling.X0, None)
 
 # ---- glue: ComfyUI objects -> plain callables ---------------------------------------------------
 def model_info(model) -> dict:
-    """Architecture names for the metadata, and the prediction type, of a MODEL."""
-    cfg = type(model.model.model_config).__name__
-    version, arch, impl = _ARCH.get(cfg, (cfg.lower(), cfg.lower(), "https://github.com/comfyanonymous/ComfyUI"))
+    """Architecture ids for the metadata (from lora.arch's table), and the prediction type, of a MODEL."""
+    cfg = model.model.model_config
     pred = prediction(model)
-    if cfg == "SD20" and pred == "v":
-        version, arch = "sd_v2_v", "stable-diffusion-v2-768-v"
-    return {"base_model_version": version, "modelspec_architecture": arch, "modelspec_implementation": impl,
-            "comfy_model": cfg}
+    variant = arch.by_comfy_class(type(cfg).__name__, cfg.unet_config, pred)
+    if variant is None:   # a model class no table entry lists (a newer ComfyUI): say what it is, plainly
+        name = type(cfg).__name__
+        version, spec, impl, arch_id = name.lower(), name.lower(), arch.IMPL_COMFY_UI, name.lower()
+    else:
+        (version, spec, impl), arch_id = variant.metadata_ids(), variant.id
+    return {"base_model_version": version, "modelspec_architecture": spec, "modelspec_implementation": impl,
+            "architecture": arch_id, "comfy_model": type(cfg).__name__}
 
 
 def prediction(model) -> str:

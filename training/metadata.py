@@ -101,7 +101,7 @@ def build(info: Mapping, *, output_name: str, trigger_words: str | list[str] | N
         "lora_lab.lora_dtype": str(info.get("lora_dtype")),
         "lora_lab.optimizer": str(info.get("optimizer")),
         "lora_lab.prediction": str(info.get("prediction")),
-        "lora_lab.architecture": arch,
+        "lora_lab.architecture": info.get("architecture") or arch,   # lora.arch variant id
     }
     if info.get("resolution"):
         meta["modelspec.resolution"] = info["resolution"]
@@ -168,11 +168,3 @@ def read_steps(metadata: Mapping[str, str]) -> int:
             except ValueError:
                 continue
     return 0
-
-
-def read_architecture(metadata: Mapping[str, str]) -> str | None:
-    arch = metadata.get("lora_lab.architecture")
-    if not arch:
-        spec = metadata.get("modelspec.architecture") or ""
-        arch = spec.split("/")[0] or None
-    return arch

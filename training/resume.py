@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..lora.io import LoraFile
-from ..lora.keys import canonical, describe, guess_file_arch
+from ..lora import arch as archs
+from ..lora.keys import canonical, describe
 from . import metadata as meta
 from .adapters import TRAINABLE, LayerSpec
 from .errors import TrainingError
@@ -41,11 +42,16 @@ def _split(key: str) -> tuple[str, str, str] | None:
 
 def load(file: LoraFile, targets: Mapping[str, nn.Module], algorithm: str, arch: str | None) -> Resume:
     """Match ``file`` against the layers being trained; refuse it when it is for another model
-    or another algorithm, naming what differs."""
+    or another algorithm, naming what differs.
+
+    ``arch``: the model's architecture as metadata names it (a lora.arch variant id or modelspec id).
+    """
     name = file.name
-    file_arch = meta.read_architecture(file.metadata)
-    if arch and file_arch and file_arch != "unknown" and file_arch != arch:
-        raise TrainingError(f"existing_lora was trained for {file_arch!r}, this model is {arch!r}", file=name)
+    model_arch, model_variant, _ = archs.by_metadata({"lora_lab.architecture": arch} if arch else {})
+    file_arch, _, said = archs.by_metadata(file.metadata)
+    if model_arch is not None and file_arch is not None and file_arch is not model_arch:
+        raise TrainingError(f"existing_lora was trained for {said}; this model is "
+                            f"{(model_variant or model_arch).name} ({arch!r})", file=name)
 
     modules: dict[str, dict[str, torch.Tensor]] = {}
     algos: dict[str, set[str]] = {}
@@ -80,9 +86,8 @@ def load(file: LoraFile, targets: Mapping[str, nn.Module], algorithm: str, arch:
             continue
         factors[target] = f
     if missing:
-        shapes = {k: tuple(t.shape) for k, t in file.tensors.items()}
-        guess = guess_file_arch(shapes)
-        hint = f" (the file looks like a {guess} LoRA)" if guess else ""
+        guess = archs.identify(file.tensors, file.metadata).name
+        hint = f" (the file looks like {archs.a(guess)} LoRA)" if guess else ""
         raise TrainingError(f"{len(missing)} of {len(modules)} modules of existing_lora are not layers this model "
                             f"trains{hint}: {describe(missing)}", file=name)
     for target, f in factors.items():

@@ -169,7 +169,8 @@ def test_wrong_architecture_is_named(pack, tiny_sd15, comfy):
     save_file(sd, os.path.join(comfy.loras_dir, "sdxl_style.safetensors"))
     comfy.folder_paths.filename_list_cache.clear()
     model, clip, report = run_loader(pack, tiny_sd15, "sdxl_style.safetensors")
-    assert "0 of 12 keys match this model: the file looks like an SDXL LoRA, the model is SD1.5" in report
+    assert "0 of 12 keys match this model (0%): an SDXL LoRA on an SD1.5 model" in report
+    assert "text-context width 2048" in report and "Load it on an SDXL model." in report
 
 
 # ---- bad input: clear error naming file / key / shapes; nothing mutated, nothing written ----------

@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from loralab.lora import sd_keys          # tests/conftest.py registers the pack as ``loralab``
+from loralab.lora import arch, sd_keys    # tests/conftest.py registers the pack as ``loralab``
 from loralab.lora.keys import canonical
 
 pytestmark = pytest.mark.comfy
@@ -28,7 +28,6 @@ DIFFUSERS_UNETS = {   # diffusers UNet configs of the real models (defaults are 
                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
                  projection_class_embeddings_input_dim=2816),
 }
-ARCH = {"SD15": "SD1.5", "SD20": "SD2.x", "SDXL": "SDXL"}
 # transformers text encoders as diffusers pipelines hold them: (prefix, width, layers, with projection)
 PIPELINE_TE = {"SD15": [("text_encoder.", 768, 12, False)],
                "SD20": [("text_encoder.", 1024, 23, False)],
@@ -87,7 +86,8 @@ def test_comfy_internal_names(case):
     ours = sd_keys.model_key_map(internal)
     wrong = {n: (t, lookup(ours, n)) for n, t in names_to_check(comfy_map, internal).items() if lookup(ours, n) != t}
     assert not wrong, f"{len(wrong)} names differ, e.g. {list(wrong.items())[:5]}"
-    assert sd_keys.detect_arch(internal) == ARCH[name]
+    # lora.arch tells the model apart from its own weights, as ComfyUI's detection did
+    assert arch.identify(internal).arch is arch.by_comfy_class(name).arch
 
 
 def test_checkpoint_names(case):

@@ -160,7 +160,9 @@ def test_prediction_type_follows_the_models_sampling(pack, sd15):
     assert train_node.prediction(sd15.model) == "eps"
     (v_model,) = adv.ModelSamplingDiscrete().patch(sd15.model, "v_prediction", False)
     assert train_node.prediction(v_model) == "v"
-    assert train_node.model_info(v_model)["base_model_version"] == "sd_v1"
+    # kohya writes sd_v1_v for a v-prediction SD1 model (model_util.get_model_version_str_for_sd1_sd2)
+    assert train_node.model_info(v_model)["base_model_version"] == "sd_v1_v"
+    assert train_node.model_info(sd15.model)["architecture"] == "sd15"
 
 
 @pytest.mark.parametrize("algorithm", ["loha", "lokr", "oft"])

@@ -97,5 +97,16 @@ def test_nothing_matches_names_the_architectures(tmp_path):
     lora = {"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(8, 2, generator=g),
             "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 8, generator=g)}
     save_file(lora, str(tmp_path / "xl.safetensors"))
-    with pytest.raises(LoraError, match=r"0 of 2 keys match this model: the file looks like a LoRA for SDXL"):
+    # the model: a 12-wide CLIP no real model has, so only the file's architecture can be named
+    with pytest.raises(LoraError, match=r"0 of 2 keys match this model \(0%\): the file looks like an SDXL LoRA"):
         load_into(sd, str(tmp_path / "xl.safetensors"))
+
+
+def test_a_model_the_standalone_map_does_not_cover_is_named(tmp_path):
+    """Our own key map is SD1.x/SD2.x/SDXL's; for a Flux model load_into says so instead of matching nothing."""
+    flux = {f"double_blocks.{i}.img_attn.qkv.weight": torch.empty(9216, 3072, device="meta") for i in range(2)}
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 3072),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 2)}, str(tmp_path / "f.safetensors"))
+    with pytest.raises(LoraError, match=r"the standalone key map covers SD1.x, SD2.x and SDXL; this model looks like "
+                                        r"a Flux.1 model \(hidden width 3072; .*\): pass its key_map"):
+        load_into(flux, str(tmp_path / "f.safetensors"))

@@ -281,7 +281,8 @@ def test_existing_lora_of_another_architecture_is_refused(tmp_path):
     lora = rig.train(steps=1).lora
     lora.info["modelspec_architecture"] = "stable-diffusion-xl-v1-base"
     path, _ = save.save(lora, str(tmp_path))
-    with pytest.raises(TrainingError, match="trained for 'stable-diffusion-xl-v1-base', this model is 'stable-diffusion-v1'"):
+    with pytest.raises(TrainingError, match=r"trained for SDXL \(lora_lab.architecture 'stable-diffusion-xl-v1-base'\); "
+                                            r"this model is SD1.5 \('stable-diffusion-v1'\)"):
         resume.load(read(path), rig.targets, "lora", "stable-diffusion-v1")
 
 

@@ -252,12 +252,13 @@ def _patch(patcher, root: torch.nn.Module, patches: dict, strength: float, bypas
 
 def load_lora(model, clip, source, strength_model: float, strength_clip: float, *,
               options: dict | None = None, cache: dict | None = None,
-              bypass: bool = False) -> tuple[object, object, Report]:
+              bypass: bool = False, require_match: bool = False) -> tuple[object, object, Report]:
     """Patch clones of ``model`` / ``clip`` with a LoRA; inputs are never mutated.
 
     ``source``: a file path, or a LORA_MODEL (a plain state dict, as core's TrainLoraNode and ours
     produce). Raises LoraError (naming file, key and shapes) before anything is cloned when the
-    file is unreadable or a factor does not fit its target.
+    file is unreadable or a factor does not fit its target, and, with ``require_match``, when none
+    of its keys match (the error is the report).
     """
     if isinstance(source, dict):
         name = "LORA_MODEL input"
@@ -307,6 +308,8 @@ def load_lora(model, clip, source, strength_model: float, strength_clip: float, 
     if n_te:
         text += f"; {n_te} text-encoder module(s) ignored (no CLIP input)"
     (log.info if m.ok and not m.unmatched and not m.unknown else log.warning)("%s", text)
+    if require_match and not m.ok:
+        raise LoraError(f"{text}\n(on_no_match is 'stop the run': set it to 'warn' to pass the model through)")
     return new_model, new_clip, Report(text, n_model, n_clip)
 
 

@@ -319,7 +319,7 @@ def _training(meta: Mapping[str, str]) -> dict[str, str]:
         "images": meta.get("ss_num_train_images"),
         "optimizer": optimizer,
         "scheduler": meta.get("ss_lr_scheduler"),
-        "precision": meta.get("ss_mixed_precision"),
+        "precision": {"no": "fp32 (no mixed precision)"}.get(meta.get("ss_mixed_precision"), meta.get("ss_mixed_precision")),
         "network": network,
         "seed": meta.get("ss_seed"),
         "trained on": meta.get("ss_sd_model_name"),

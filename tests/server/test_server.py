@@ -82,7 +82,7 @@ def test_web_extension_and_help_pages_served(srv):
     import requests
 
     # example_workflows/ is offered in the UI's template browser under the pack's folder name
-    assert "load_lora_basic" in srv.get("/api/workflow_templates").get(server.PACK_DIR_NAME, [])
+    assert "Load a LoRA and sample" in srv.get("/api/workflow_templates").get(server.PACK_DIR_NAME, [])
     ext = srv.get("/extensions")
     assert f"/extensions/{server.PACK_DIR_NAME}/loralab.js" in ext
     for path in ("loralab.js", "docs/LoraLabLoadLoRA.md", "docs/LoraLabLoraLoaderModelOnly.md"):

@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))   # the support package builds the tiny model files
@@ -34,23 +33,13 @@ SIZE = (640, 640)           # what is saved: the template cards are square
 VIEWPORT = (1400, 1100)
 
 
-def idle(srv, timeout=600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        q = srv.get("/queue")
-        if not q["queue_running"] and not q["queue_pending"]:
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"the queue did not empty within {timeout}s\n{srv.log_tail()}")
-
-
 def photograph(page, srv, path: str) -> bytes:
     with open(path) as fh:
         workflow = json.load(fh)
     page.evaluate("async (wf) => { await app.loadGraphData(wf); }", workflow)
     page.evaluate("() => app.queuePrompt(0)")
     page.wait_for_timeout(1000)
-    idle(srv)
+    srv.wait_idle(600)
     page.wait_for_timeout(1500)
     # a square around LoRA Lab's nodes (the cards are square), at full size; the rest is context
     clip = page.evaluate("""() => {

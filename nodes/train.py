@@ -181,7 +181,7 @@ class LossStream:
     def __init__(self, server, node_id, interval: float = 0.1):
         self.server, self.node_id, self.interval = server, node_id, interval
         self.pending: list = []
-        self.last = 0.0
+        self.last = float("-inf")   # the first step goes out at once
 
     def add(self, step: int, total: int, loss) -> None:
         self.pending.append([step, _finite(loss)])

@@ -310,6 +310,16 @@ class ComfyServer:
     def run(self, prompt: dict, timeout: float = 180.0) -> dict:
         return self.wait(self.queue(prompt), timeout)
 
+    def wait_idle(self, timeout: float = 180.0) -> None:
+        """Until the queue is empty (whatever was queued, from the UI too, has run)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            q = self.get("/queue")
+            if not q["queue_running"] and not q["queue_pending"]:
+                return
+            time.sleep(0.25)
+        raise ServerError(f"the queue was still busy after {timeout:.0f}s\n{self.log_tail()}")
+
 
 def _group_alive(pgid: int, wait: float) -> bool:
     deadline = time.monotonic() + wait

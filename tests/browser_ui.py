@@ -205,7 +205,7 @@ def widget_point(page, node_id: int, widget: str, at: float = 0.5) -> tuple[floa
 
 def open_tab(page, label: str) -> None:
     """Click a workflow tab by its label and wait until its graph is the one on screen."""
-    page.locator(".workflow-label", has_text=label).first.click()
+    page.locator(".workflow-label").filter(has_text=re.compile("^" + re.escape(label) + "$")).first.click()
     page.wait_for_function("(label) => app.extensionManager.workflow.activeWorkflow?.filename === label", arg=label,
                            timeout=20_000)
     page.wait_for_timeout(400)

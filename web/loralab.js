@@ -59,7 +59,8 @@ function reportWidget(node) {
 
 function setWarning(node, on) {
   if (on && !node.loralabWarning) {
-    node.loralabSavedColors = { color: node.color, bgcolor: node.bgcolor };
+    // a node loaded from a workflow saved while red already has the warning colours: keep none
+    node.loralabSavedColors = node.color === WARN_COLOR ? {} : { color: node.color, bgcolor: node.bgcolor };
     node.color = WARN_COLOR;
     node.bgcolor = WARN_BGCOLOR;
   } else if (!on && node.loralabWarning) {

@@ -152,7 +152,7 @@ app.registerExtension({
         const same = prev && !prev.done && prev.prompt === detail.prompt_id;
         const points = thin([...(same ? prev.points : []), ...detail.points]);
         return { prompt: detail.prompt_id, total: detail.total, points, done: false };
-      }, { isOurs });
+      }, { isOurs, final: false });
     });
     // the end of the run: the node's own record of every step (downsampled on the server)
     api.addEventListener("executed", ({ detail }) => {

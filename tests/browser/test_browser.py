@@ -8,7 +8,7 @@ import os
 import re
 
 import browser_ui as ui
-from browser_ui import QUEUE_AND_WAIT, READY
+from browser_ui import QUEUE_AND_WAIT, READY, REPORT_OF
 from support import server
 
 
@@ -64,6 +64,20 @@ def test_report_shown_after_run_and_zero_match_warns(page, srv):
     assert m and int(m[1]) == 0 < int(m[2]), warned
     assert warned["warn"] and warned["color"] and warned["bgcolor"], warned
     ui.shot(page, "zero_match_warning.png")
+    ui.wait_idle(srv)
+
+    # the warning comes back with the workflow (tab switch), and goes when a matching LoRA runs
+    tab = page.evaluate("() => app.extensionManager.workflow.activeWorkflow.filename")
+    page.evaluate("() => app.extensionManager.command.execute('Comfy.NewBlankWorkflow')")
+    page.wait_for_timeout(1000)
+    ui.open_tab(page, tab)
+    again = page.evaluate(REPORT_OF, 2)
+    assert again["warn"] and again["text"] == warned["text"], again
+    page.evaluate("""async (name) => { const n = app.graph.getNodeById(2); n.widgets[0].value = name;
+                                        n.widgets[1].value = 0.9; await app.queuePrompt(0); }""", server.DEMO_LORA)
+    page.wait_for_function(f"() => ({REPORT_OF})(2)?.text?.includes('tiny_sd15_demo_lora')", timeout=60_000)
+    fine = page.evaluate(REPORT_OF, 2)
+    assert not fine["warn"] and fine["color"] is None and fine["bgcolor"] is None, fine
     assert not ui.our_errors(page), ui.our_errors(page)
 
 

@@ -265,6 +265,15 @@ def test_training_chart_grows_stays_across_tabs_and_the_saved_lora_is_listed(pag
     assert page.evaluate(INK, train) > 50
     ui.shot(page, "after_tab_switch.png")
 
+    # a page reload: the open workflow comes back from the browser's storage with its results
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_function(ui.READY, timeout=90_000)
+    page.wait_for_function("() => app.extensionManager.workflow.activeWorkflow?.filename === 'training run'",
+                           timeout=20_000)
+    page.wait_for_timeout(500)
+    assert page.evaluate(TEXT_OF, [load]) == report and page.evaluate(TEXT_OF, [save]) == saved
+    assert page.evaluate(LOSS, train)["widget"] == steps
+
     # a fully cached re-run sends nothing for the loader: its report stays
     page.evaluate("() => app.queuePrompt(0)")
     page.wait_for_timeout(1000)

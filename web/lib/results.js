@@ -8,8 +8,10 @@
 //     frontend itself does for its own outputs;
 //   - if that workflow is on screen, its live node is updated and redrawn;
 //   - its stored state (changeTracker.activeState, what a tab switch loads) is updated in place,
-//     so a tab opened later shows the result. This adds no undo step and fires no graphChanged
-//     (which would re-queue in "queue on change" mode).
+//     so a tab opened later shows the result. This adds no undo step;
+//   - once a run's final results are in, the open graph is persisted the way the frontend does it
+//     after any change (a "graphChanged" event), so a page reload keeps them too. Not in the
+//     "queue on change" auto-queue mode, where that event would queue the workflow again.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
@@ -68,8 +70,10 @@ export function storedNode(state, executionId) {
 /**
  * Set ``field`` of the node ``executionId`` of the workflow that queued ``promptId`` to
  * ``next(previous value)``. Returns the live node when it is on screen (already redrawn), else null.
+ * ``final``: the run's last word on this field (not a live update): the open graph is persisted.
  */
-export function deliver(executionId, promptId, field, next, { isOurs = (type) => type?.startsWith("LoraLab") } = {}) {
+export function deliver(executionId, promptId, field, next,
+                        { isOurs = (type) => type?.startsWith("LoraLab"), final = true } = {}) {
   const store = workflows();
   const active = store?.activeWorkflow ?? null;
   const target = (promptId && byPrompt.get(promptId)) || active;
@@ -90,7 +94,21 @@ export function deliver(executionId, promptId, field, next, { isOurs = (type) =>
     kept.properties ??= {};
     kept.properties[PROP] = { ...(kept.properties[PROP] ?? {}), [field]: structuredClone(value) };
   }
+  if (live && final) persistSoon();
   return live;
+}
+
+let persistTimer = null;
+
+/** Persist the open workflow soon (a run's final results arrived); see the header comment. */
+export function persistSoon() {
+  clearTimeout(persistTimer);
+  persistTimer = setTimeout(() => {
+    if (app.extensionManager?.queueSettings?.mode === "change") return;
+    if (app.ui?.autoQueueEnabled && app.ui?.autoQueueMode === "change") return; // the legacy menu's
+    const active = workflows()?.activeWorkflow;
+    api.dispatchCustomEvent("graphChanged", active?.changeTracker?.activeState ?? app.graph.serialize());
+  }, 300);
 }
 
 /** The prompt being executed now (the server runs one at a time). */

@@ -2,7 +2,8 @@
 // browser of the loras folders instead of a flat menu: subfolders as a tree, a search box, and the
 // info panel of the LoRA under the cursor (preview, base model, algorithm, rank/alpha, trigger
 // words, training settings: lib/info_panel.js). The arrows at the widget's ends still step through
-// the list; "Browse LoRAs…" in the node's menu opens the same picker.
+// the list; "Browse LoRAs…" in the node's menu opens the same picker. With Nodes 2.0 (Vue nodes),
+// which draw their own select, a "Browse LoRAs…" button on the node opens it.
 import { app } from "../../scripts/app.js";
 import { after } from "./lib/hooks.js";
 import { ensureStyle, renderInfo } from "./lib/info_panel.js";
@@ -10,6 +11,7 @@ import { loraInfo } from "./lib/lora_names.js";
 
 const WIDGETS = { lora_name: true, existing_lora: true };
 const NONE = "[None]";
+const BROWSE = "Browse LoRAs…";
 const expanded = new Set(); // folders the user opened, kept while the page lives
 
 const norm = (name) => String(name).replaceAll("\\", "/");
@@ -250,7 +252,27 @@ export function openPicker(widget, node, at) {
   return Picker.open;
 }
 
+function nodeScreenPoint(node) {
+  const el = document.querySelector(`[data-node-id="${node.id}"]`); // Nodes 2.0 draws nodes as elements
+  if (el) {
+    const r = el.getBoundingClientRect();
+    return [r.left + 16, r.top + 40];
+  }
+  const [x, y] = app.canvas.ds.convertCanvasToOffset?.(node.pos) ?? [100, 100];
+  const rect = app.canvas.canvas.getBoundingClientRect();
+  return [rect.left + x, rect.top + y];
+}
+
+const vueNodes = () => !!app.extensionManager?.setting?.get?.("Comfy.VueNodes.Enabled");
+
 function attach(node) {
+  // Nodes 2.0 draws its own select for combos (no click to take over): a button opens the browser
+  const combo = node.widgets?.find((w) => WIDGETS[w.name] && w.type === "combo");
+  if (combo && vueNodes() && !node.widgets.some((w) => w.name === BROWSE)) {
+    const button = node.addWidget("button", BROWSE, null, () => openPicker(combo, node, nodeScreenPoint(node)),
+      { serialize: false });
+    button.serialize = false;
+  }
   for (const widget of node.widgets ?? []) {
     if (!WIDGETS[widget.name] || widget.type !== "combo" || widget.loralabPicker) continue;
     widget.loralabPicker = true;
@@ -278,14 +300,7 @@ app.registerExtension({
     after(nodeType.prototype, "getExtraMenuOptions", function (canvas, options) {
       const widget = this.widgets?.find((w) => WIDGETS[w.name] && w.type === "combo");
       if (widget) {
-        options.unshift({
-          content: "Browse LoRAs…",
-          callback: () => {
-            const [x, y] = app.canvas.ds.convertCanvasToOffset?.(this.pos) ?? [100, 100];
-            const rect = app.canvas.canvas.getBoundingClientRect();
-            openPicker(widget, this, [rect.left + x, rect.top + y]);
-          },
-        }, null);
+        options.unshift({ content: BROWSE, callback: () => openPicker(widget, this, nodeScreenPoint(this)) }, null);
       }
     });
   },

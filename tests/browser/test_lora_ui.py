@@ -405,6 +405,19 @@ def test_stored_results_and_autocomplete_in_nodes_2_mode(page, srv, ui_loras):
         page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('3 of 3 keys'))",
                                timeout=10_000)
         ui.shot(page, "nodes2_chart.png")
+        # Vue nodes draw their own select: a button opens the LoRA browser (here for existing_lora)
+        page.locator(f"[data-node-id='{train}'] button", has_text="Browse LoRAs").click()
+        page.wait_for_selector(".loralab-picker")
+        page.locator(".loralab-picker-search").fill("alice")
+        _panel_for(page, "alice")
+        ui.shot(page, "nodes2_browser.png")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".loralab-picker", state="detached")
+        assert page.evaluate(f"() => app.graph.getNodeById({train}).widgets.find(w => w.name === 'existing_lora').value"
+                             ) == "characters/alice.safetensors"
+        page.wait_for_function(f"() => document.querySelector(\"[data-node-id='{train}']\").textContent"
+                               ".includes('characters/alice.safetensors')", timeout=5_000)   # the Vue select shows it
+        assert "Browse LoRAs…" not in json.dumps(page.evaluate("() => app.graph.serialize()"))
         boxes = page.locator("[data-node-id] textarea")
         i = page.evaluate("() => [...document.querySelectorAll('[data-node-id] textarea')]"
                           ".findIndex(t => t.value.includes('a photo of sks'))")

@@ -120,14 +120,16 @@ def register(server) -> None:
 
 
 def register_on_prompt_server() -> bool:
-    """Register on the running PromptServer; False when there is none (ComfyUI imported without its
-    server, as in-process tests do)."""
+    """Register on the running PromptServer (once); False when there is none (ComfyUI imported
+    without its server, as in-process tests do)."""
     try:
         from server import PromptServer
         server = PromptServer.instance
     except (ImportError, AttributeError):
         return False
-    register(server)
+    if not getattr(server, "_loralab_routes", False):
+        register(server)
+        server._loralab_routes = True
     return True
 
 

@@ -209,7 +209,8 @@ def _structure(shapes: Mapping[str, tuple[int, ...]]) -> dict:
             unknown += 1
             continue
         prefix, cls, role = hit
-        roles_by_module.setdefault(prefix, {})[role] = (cls.name if cls is not None else None, shape)
+        # registry names compared in lower case: they are display values too, and may be capitalised
+        roles_by_module.setdefault(prefix, {})[role] = (cls.name.lower() if cls is not None else None, shape)
     dora = conv = False
     for roles in roles_by_module.values():
         names = {n for n, _ in roles.values() if n}

@@ -45,17 +45,68 @@ def read(path: str, *, check: bool = True) -> LoraFile:
     return LoraFile(path, tensors, metadata)
 
 
-def read_header(path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]] | None:
-    """(key -> shape, metadata) of a safetensors file, reading only its header (cheap even for a
-    many-GB checkpoint); None for other formats or an unreadable header (``read`` then says why)."""
-    if path.lower().endswith(PICKLE_SUFFIXES):
-        return None
+MAX_HEADER = 100 * 1000 * 1000   # bytes; the safetensors library refuses larger headers too
+
+
+def _header_length(fh, size: int, name: str) -> int:
+    """The JSON header's length from the 8-byte prefix, checked against the file size."""
+    head = fh.read(8)
+    if len(head) < 8:
+        raise LoraError(f"file is {size} bytes long, too short to be safetensors (truncated?)", file=name)
+    header_len = int.from_bytes(head, "little")
+    if header_len + 8 > size:
+        raise LoraError(f"header claims {header_len} bytes but the file has only {size - 8} after it "
+                        "(truncated or not a safetensors file)", file=name)
+    if header_len > MAX_HEADER:
+        raise LoraError(f"header claims {header_len} bytes, more than safetensors allows ({MAX_HEADER})", file=name)
+    return header_len
+
+
+@dataclass
+class Header:
+    """A safetensors file's header: what it says about itself, without any tensor data."""
+    path: str
+    metadata: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]     # tensor name -> shape
+    dtypes: dict[str, str]                 # tensor name -> safetensors dtype ("F16", "BF16", ...)
+    size: int                              # the file's size in bytes
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def read_header(path: str) -> Header:
+    """Read only the 8-byte length and the JSON header of a safetensors file; never the tensors.
+
+    Cheap for files of any size (one small read), so UIs can list and describe many files.
+    """
+    name = os.path.basename(path)
     try:
-        from safetensors import safe_open
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception:   # noqa: BLE001 - any failure here is reported by read() with its reason
-        return None
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            header_len = _header_length(fh, size, name)
+            raw = fh.read(header_len)
+    except OSError as e:
+        raise LoraError(f"cannot read: {e.strerror or e}", file=name) from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoraError(f"not a valid safetensors file: the header is not JSON ({e})", file=name) from None
+    if not isinstance(header, dict):
+        raise LoraError("not a valid safetensors file: the header is not a JSON object", file=name)
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise LoraError("not a valid safetensors file: __metadata__ must map names to strings", file=name)
+    shapes, dtypes = {}, {}
+    for k, v in header.items():
+        shape = v.get("shape") if isinstance(v, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) \
+                or not isinstance(v.get("dtype"), str):
+            raise LoraError("not a valid safetensors file: the entry has no dtype or shape", file=name, key=k)
+        shapes[k] = tuple(shape)
+        dtypes[k] = v["dtype"]
+    return Header(path, dict(meta), shapes, dtypes, size)
 
 
 def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -65,13 +116,7 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as fh:
-            head = fh.read(8)
-        if len(head) < 8:
-            raise LoraError(f"file is {size} bytes long, too short to be safetensors (truncated?)", file=name)
-        header_len = int.from_bytes(head, "little")
-        if header_len + 8 > size:
-            raise LoraError(f"header claims {header_len} bytes but the file has only {size - 8} after it "
-                            "(truncated or not a safetensors file)", file=name)
+            _header_length(fh, size, name)
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -22,7 +22,7 @@ import comfy.utils
 from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..lora import LoraError, Parsed, arch, match, parse, read
-from ..lora.io import read_header
+from ..lora.io import PICKLE_SUFFIXES, read_header
 from ..lora import bypass as bypass_mode
 from ..lora.adapters.base import Adapter
 from ..lora.keys import canonical
@@ -253,12 +253,13 @@ def _patch(patcher, root: torch.nn.Module, patches: dict, strength: float, bypas
 
 def load_lora(model, clip, source, strength_model: float, strength_clip: float, *,
               options: dict | None = None, cache: dict | None = None,
-              bypass: bool = False) -> tuple[object, object, Report]:
+              bypass: bool = False, require_match: bool = False) -> tuple[object, object, Report]:
     """Patch clones of ``model`` / ``clip`` with a LoRA; inputs are never mutated.
 
     ``source``: a file path, or a LORA_MODEL (a plain state dict, as core's TrainLoraNode and ours
     produce). Raises LoraError (naming file, key and shapes) before anything is cloned when the
-    file is unreadable or a factor does not fit its target.
+    file is unreadable or a factor does not fit its target, and, with ``require_match``, when none
+    of its keys match (the error is the report).
     """
     if isinstance(source, dict):
         name = "LORA_MODEL input"
@@ -312,6 +313,8 @@ def load_lora(model, clip, source, strength_model: float, strength_clip: float, 
     if n_te:
         text += f"; {n_te} text-encoder module(s) ignored (no CLIP input)"
     (log.info if m.ok and not m.unmatched and not m.unknown else log.warning)("%s", text)
+    if require_match and not m.ok:
+        raise LoraError(f"{text}\n(on_no_match is 'stop the run': set it to 'warn' to pass the model through)")
     return new_model, new_clip, Report(text, n_model, n_clip)
 
 
@@ -334,12 +337,24 @@ def _parsed_dict(sd: dict, name: str, options: dict):
     return parsed, len(sd), arch.identify(sd)
 
 
+def _shapes_and_metadata(path: str):
+    """(key -> shape, metadata) from a safetensors header alone; None for a pickle or a header
+    ``read`` will refuse (it then says why)."""
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        return None
+    try:
+        h = read_header(path)
+    except LoraError:
+        return None
+    return h.shapes, h.metadata
+
+
 def _parsed(path: str, options: dict, cache: dict | None):
     st = os.stat(path)
     ident = (path, st.st_mtime_ns, st.st_size, tuple(sorted(options.items())))
     if cache is not None and cache.get("ident") == ident:
         return cache["value"]
-    header = read_header(path)
+    header = _shapes_and_metadata(path)
     identity = arch.identify(*header) if header else None
     if identity is not None and identity.kind == "weights":
         # a checkpoint in the loras folder: say so from its header, without reading gigabytes of weights

@@ -20,26 +20,53 @@ def _lora_name_in() -> tuple:
             {"tooltip": "A file from ComfyUI's loras folders (subfolders included)."})
 
 
+MERGE, FORWARD = "merge weights", "forward pass"
+MODES = [MERGE, FORWARD]
+WARN, FAIL = "warn", "stop the run"
+MODE_IN = (MODES, {"default": MERGE, "advanced": True,
+                   "tooltip": "merge weights: write the LoRA into the model's weights (fastest sampling). "
+                              "forward pass: add the LoRA's change in each layer's forward pass (y = W·x + Δ(x)) "
+                              "without touching the weights: for fp8 / quantised models, and strength changes "
+                              "that never re-patch the model; slightly slower per step."})
+ON_NO_MATCH_IN = ([WARN, FAIL], {"default": WARN, "advanced": True,
+                                 "tooltip": "When none of the file's keys match this model (a LoRA for another "
+                                            "base model, or not a LoRA): warn (the node turns red, the model passes "
+                                            "through unchanged) or stop the run with an error."})
+# Workflows and API prompts from before `mode` had a boolean `bypass` (True = forward pass). Declared
+# hidden so an old prompt's value still reaches the node (ComfyUI drops undeclared inputs) and no
+# widget is drawn; the frontend migrates old workflows' widget values (web/migrate.js).
+LEGACY_HIDDEN = {"bypass": ("BOOLEAN", {"tooltip": "Deprecated: use mode."})}
+
+
 def _optional() -> dict:
     return {
         "dyn_rank": ("INT", {"default": 0, "min": 0, "max": 4096, "advanced": True,
                              "tooltip": "DyLoRA files only: the rank to use (like A1111's dyn=). "
                                         "0 uses every rank stored in the file."}),
-        "bypass": ("BOOLEAN", {"default": False, "advanced": True,
-                               "tooltip": "Apply the LoRA in the forward pass (y = W·x + Δ(x)) instead of "
-                                          "writing weights: for fp8 / quantised models, and strength changes "
-                                          "that never re-patch the model. Slightly slower per step."}),
+        "mode": MODE_IN,
+        "on_no_match": ON_NO_MATCH_IN,
     }
 
 
-def _load(node, model, clip, lora_name, strength_model, strength_clip, dyn_rank=0, bypass=False):
+def forward_pass(mode: str | None, bypass: bool | None) -> bool:
+    """True to apply in the forward pass. ``bypass`` is the pre-``mode`` input of old API prompts."""
+    if mode is None:
+        return bool(bypass)
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    return mode == FORWARD
+
+
+def _load(node, model, clip, lora_name, strength_model, strength_clip, dyn_rank=0, mode=None, on_no_match=WARN,
+          bypass=None):
     if strength_model == 0 and strength_clip == 0:
         text = f"{lora_name}: strengths are 0, model and CLIP passed through unchanged"
         return model, clip, text
     path = resolve_in(folder_paths.get_folder_paths("loras"), lora_name)
     options = {"dyn_rank": dyn_rank} if dyn_rank else {}
     model, clip, report = comfy_model.load_lora(model, clip, path, strength_model, strength_clip,
-                                                options=options, cache=node._cache, bypass=bypass)
+                                                options=options, cache=node._cache,
+                                                bypass=forward_pass(mode, bypass), require_match=on_no_match == FAIL)
     return model, clip, report.text
 
 
@@ -70,10 +97,13 @@ class LoraLabLoadLoRA:
                                             "Negative values invert the LoRA; 0 leaves CLIP as it is."}),
             },
             "optional": _optional(),
+            "hidden": LEGACY_HIDDEN,
         }
 
-    def load(self, model, clip, lora_name, strength_model, strength_clip, dyn_rank=0, bypass=False):
-        model, clip, text = _load(self, model, clip, lora_name, strength_model, strength_clip, dyn_rank, bypass)
+    def load(self, model, clip, lora_name, strength_model, strength_clip, dyn_rank=0, mode=None, on_no_match=WARN,
+             bypass=None):
+        model, clip, text = _load(self, model, clip, lora_name, strength_model, strength_clip, dyn_rank, mode,
+                                  on_no_match, bypass)
         return {"ui": {"text": [text]}, "result": (model, clip, text)}
 
 
@@ -98,10 +128,11 @@ class LoraLabLoraLoaderModelOnly:
                 "strength_model": STRENGTH_MODEL_IN,
             },
             "optional": _optional(),
+            "hidden": LEGACY_HIDDEN,
         }
 
-    def load(self, model, lora_name, strength_model, dyn_rank=0, bypass=False):
-        model, _, text = _load(self, model, None, lora_name, strength_model, 0.0, dyn_rank, bypass)
+    def load(self, model, lora_name, strength_model, dyn_rank=0, mode=None, on_no_match=WARN, bypass=None):
+        model, _, text = _load(self, model, None, lora_name, strength_model, 0.0, dyn_rank, mode, on_no_match, bypass)
         return {"ui": {"text": [text]}, "result": (model, text)}
 
 
@@ -123,14 +154,16 @@ class LoraLabLoraModelLoader:
                 "lora": ("LORA_MODEL", {"tooltip": "A LoRA state dict from a training node (LoRA Lab's or core's)."}),
                 "strength_model": STRENGTH_MODEL_IN,
             },
-            "optional": {"bypass": _optional()["bypass"]},
+            "optional": {"mode": MODE_IN, "on_no_match": ON_NO_MATCH_IN},
+            "hidden": LEGACY_HIDDEN,
         }
 
-    def load(self, model, lora, strength_model, bypass=False):
+    def load(self, model, lora, strength_model, mode=None, on_no_match=WARN, bypass=None):
         if strength_model == 0:
             return {"ui": {"text": ["strength is 0: model passed through unchanged"]},
                     "result": (model, "strength is 0: model passed through unchanged")}
-        model, _, report = comfy_model.load_lora(model, None, lora, strength_model, 0.0, bypass=bypass)
+        model, _, report = comfy_model.load_lora(model, None, lora, strength_model, 0.0,
+                                                 bypass=forward_pass(mode, bypass), require_match=on_no_match == FAIL)
         return {"ui": {"text": [report.text]}, "result": (model, report.text)}
 
 

@@ -57,7 +57,8 @@ class LoraLabSaveLoRA:
                           trigger_words=trigger_words, optimizer_state=save_optimizer_state)
         folder_paths.filename_list_cache.pop("loras", None)   # list it at once
         log.info("LoRA Lab: saved %s", path)
-        return {"ui": {"text": [f"saved {name}"]}, "result": (name,)}
+        # the node shows the text; web/saved.js refreshes every loader's list when it sees loralab_saved
+        return {"ui": {"text": [f"saved {name}", f"file: {path}"], "loralab_saved": [name]}, "result": (name,)}
 
 
 NODES = {"LoraLabSaveLoRA": (LoraLabSaveLoRA, "Save LoRA (LoRA Lab)")}

@@ -8,6 +8,7 @@ denoiser returning the network's raw output for a batch, kohya names for the UNe
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -132,9 +133,11 @@ def denoiser(model, conditioning: list):
 
 
 def progress(total: int, node_id):
-    """ComfyUI progress bar + loss text; returns True (stop) once /interrupt was asked for."""
+    """ComfyUI progress bar + loss text + the live loss chart's data; returns True (stop) once
+    /interrupt was asked for."""
     bar = comfy.utils.ProgressBar(total, node_id=node_id)
     server = _server()
+    chart = LossStream(server, node_id)
 
     def on_step(step, total, loss):
         try:
@@ -143,11 +146,64 @@ def progress(total: int, node_id):
             return _stop(step)
         if server is not None and node_id is not None:
             server.send_progress_text(f"step {step}/{total} · loss {loss:.4f}", node_id)
+            chart.add(step, total, loss)
         if comfy.model_management.processing_interrupted():
             comfy.model_management.interrupt_current_processing(False)
             return _stop(step)
         return False
     return on_step
+
+
+LOSS_EVENT = "loralab.loss"      # websocket message web/loss_chart.js listens for
+LOSS_POINTS = 500                # most points a chart receives at the end of a run
+
+
+def _finite(v) -> float | None:
+    v = float(v)
+    return v if v == v and abs(v) != float("inf") else None   # JSON has no NaN/inf
+
+
+class LossStream:
+    """Sends each step's loss to the UI (to the client that queued the prompt, as ComfyUI's own
+    progress messages go), batched to at most ~10 messages a second for fast steps."""
+
+    def __init__(self, server, node_id, interval: float = 0.1):
+        self.server, self.node_id, self.interval = server, node_id, interval
+        self.pending: list = []
+        self.last = float("-inf")   # the first step goes out at once
+
+    def add(self, step: int, total: int, loss) -> None:
+        self.pending.append([step, _finite(loss)])
+        now = time.monotonic()
+        if step >= total or now - self.last >= self.interval:
+            self.flush(total)
+            self.last = now
+
+    def flush(self, total: int) -> None:
+        if not self.pending or getattr(self.server, "client_id", None) is None:
+            return
+        data = {"node": str(self.node_id), "prompt_id": getattr(self.server, "last_prompt_id", None),
+                "total": total, "points": self.pending}
+        self.pending = []
+        try:
+            self.server.send_sync(LOSS_EVENT, data, self.server.client_id)
+        except Exception:   # the chart is a view: never let it stop a training run
+            log.debug("LoRA Lab: could not send the loss to the UI", exc_info=True)
+
+
+def loss_curve(losses: list, total: int, max_points: int = LOSS_POINTS) -> dict:
+    """The run's losses for the node's chart: every step, or bucket means when there are more
+    than ``max_points`` (each at its bucket's last step)."""
+    n = len(losses)
+    if n <= max_points:
+        points = [[i + 1, _finite(v)] for i, v in enumerate(losses)]
+    else:
+        points = []
+        for b in range(max_points):
+            lo, hi = b * n // max_points, (b + 1) * n // max_points
+            vals = [float(v) for v in losses[lo:hi] if _finite(v) is not None]
+            points.append([hi, sum(vals) / len(vals) if vals else None])
+    return {"total": total, "steps": n, "points": points}
 
 
 def _stop(step):
@@ -306,8 +362,10 @@ class LoraLabTrainLoraNode:
             lora_dtype=loop.DTYPES[_first(lora_dtype)], algorithm=_first(algorithm),
             gradient_checkpointing=_first(gradient_checkpointing))
         existing = _first(existing_lora)
-        return train_lora(_first(model), latents, positive, config, None if existing == NONE else existing,
-                          _first(unique_id))
+        result = train_lora(_first(model), latents, positive, config, None if existing == NONE else existing,
+                            _first(unique_id))
+        # the node's loss chart (web/loss_chart.js) keeps this after the run
+        return {"ui": {"loralab_loss": [loss_curve(result[2]["loss"], config.steps)]}, "result": result}
 
 
 NODES = {"LoraLabTrainLoraNode": (LoraLabTrainLoraNode, "Train LoRA (LoRA Lab)")}

@@ -143,8 +143,8 @@ def main(argv=None) -> int:
             for path in paths:
                 ok = run_workflow(srv, path) and ok
         say("")
-        say(f"Open the UI:  {srv.url}   (templates: ComfyUI-LoRA-Lab > load_lora_basic, or drop "
-            f"example_workflows/load_lora_basic.json onto the page)")
+        say(f"Open the UI:  {srv.url}   (templates: Extensions > ComfyUI-LoRA-Lab, or drop "
+            f"example_workflows/Load a LoRA and sample.json onto the page)")
         if args.serve:
             say("serving; Ctrl-C stops the server")
             while srv.alive():

@@ -10,7 +10,7 @@ wired to a link takes the link and its stored value is skipped. Frontend-only no
 Reroute passes its input through, PrimitiveNode supplies its value, Note/MarkdownNote are dropped;
 muted nodes are left out; bypassed nodes pass their first input of a matching type through.
 
-    python scripts/workflow_api.py example_workflows/load_lora_basic.json --url http://127.0.0.1:8188
+    python scripts/workflow_api.py "example_workflows/Load a LoRA and sample.json" --url http://127.0.0.1:8188
 """
 from __future__ import annotations
 

@@ -2,15 +2,21 @@
 // this model, what was patched) on the node after it runs, and turns the node red with a
 // title badge when none of the file's keys matched, so a LoRA for the wrong model is never silent.
 //
-// The report arrives as the node's `ui.text` output (onExecuted). It lives in a read-only
-// textarea widget that is never saved: not in the workflow's widgets_values, not in the API prompt.
+// The report arrives as the node's `ui.text` output. It lives in a read-only textarea widget that
+// is not a widget value (not in widgets_values, not in the API prompt); the text is kept in the
+// node's properties (lib/results.js), so it stays through tab switches and cached re-runs.
 import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import { deliver, install, onResult, renderStored } from "./lib/results.js";
 
 const EXTENSION = "LoraLab.Report";
-// every LoRA Lab node with a "report" output (the loaders) gets the report widget
+// every LoRA Lab node with a "report" output (the loaders) gets the report widget, and Save LoRA
+// shows where it saved
 const hasReport = (nodeData) =>
-  nodeData.name?.startsWith("LoraLab") && (nodeData.output_name ?? []).includes("report");
+  nodeData.name?.startsWith("LoraLab") &&
+  ((nodeData.output_name ?? []).includes("report") || nodeData.name === "LoraLabSaveLoRA");
 const WIDGET = "loralab_report";
+const reportTypes = new Set();
 const WARN_COLOR = "#6b2020";
 const WARN_BGCOLOR = "#3d1818";
 const BADGE = "\u26a0 0 keys matched";
@@ -29,7 +35,7 @@ function reportWidget(node) {
   const el = document.createElement("textarea");
   el.readOnly = true;
   el.className = "comfy-multiline-input loralab-report";
-  el.placeholder = "LoRA report: appears after this node runs";
+  el.placeholder = "Appears after this node runs";
   el.spellcheck = false;
   el.style.fontSize = "11px";
   el.style.opacity = "0.85";
@@ -53,7 +59,8 @@ function reportWidget(node) {
 
 function setWarning(node, on) {
   if (on && !node.loralabWarning) {
-    node.loralabSavedColors = { color: node.color, bgcolor: node.bgcolor };
+    // a node loaded from a workflow saved while red already has the warning colours: keep none
+    node.loralabSavedColors = node.color === WARN_COLOR ? {} : { color: node.color, bgcolor: node.bgcolor };
     node.color = WARN_COLOR;
     node.bgcolor = WARN_BGCOLOR;
   } else if (!on && node.loralabWarning) {
@@ -96,10 +103,24 @@ function drawBadge(node, ctx) {
   ctx.restore();
 }
 
+onResult("report", (node, text) => showReport(node, text));
+
 app.registerExtension({
   name: EXTENSION,
+  setup() {
+    install();
+    api.addEventListener("executed", ({ detail }) => {
+      const text = detail?.output?.text;
+      if (text == null) return;
+      const value = Array.isArray(text) ? text.join("\n") : String(text);
+      deliver(detail.display_node ?? detail.node, detail.prompt_id, "report", () => value, {
+        isOurs: (type) => type?.startsWith("LoraLab") && reportTypes.has(type),
+      });
+    });
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!hasReport(nodeData)) return;
+    reportTypes.add(nodeData.name);
     const proto = nodeType.prototype;
 
     const onNodeCreated = proto.onNodeCreated;
@@ -109,12 +130,11 @@ app.registerExtension({
       return r;
     };
 
-    const onExecuted = proto.onExecuted;
-    proto.onExecuted = function (message) {
-      onExecuted?.apply(this, arguments);
-      const text = message?.text;
-      if (text == null) return;
-      showReport(this, Array.isArray(text) ? text.join("\n") : String(text));
+    const onConfigure = proto.onConfigure;
+    proto.onConfigure = function () {
+      const r = onConfigure?.apply(this, arguments);
+      renderStored(this, "report");
+      return r;
     };
 
     const onDrawForeground = proto.onDrawForeground;

@@ -7,6 +7,7 @@ LoraLoader on the same checkpoint, file and strengths.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -217,7 +218,8 @@ def test_corrupt_file_names_file(pack, tiny_sd15, comfy):
     assert _snapshot(comfy, tiny_sd15) == before
 
 
-# ---- bypass mode ------------------------------------------------------------------------------------
+# ---- mode = "forward pass" (bypass mode) ------------------------------------------------------------
+FORWARD = {"mode": "forward pass"}
 def _unet_out(patcher, seed=0):
     """One denoiser forward of the patched model (ComfyUI loads/injects as it would for sampling)."""
     import comfy.model_management as mm
@@ -235,7 +237,7 @@ def test_bypass_equals_merged_and_never_writes_weights(pack, tiny_sd15, base, lo
     loader = node(pack, "LoraLabLoraLoaderModelOnly")
     merged = loader.load(tiny_sd15.model, spec.name, 0.9)["result"][0]
     bypassed, report = node(pack, "LoraLabLoraLoaderModelOnly").load(tiny_sd15.model, spec.name, 0.9,
-                                                                     bypass=True)["result"]
+                                                                     **FORWARD)["result"]
     assert "bypassed (applied in the forward pass)" in report
     assert not bypassed.patches or bypassed.patches.keys() == tiny_sd15.model.patches.keys()
     y_base = _unet_out(tiny_sd15.model)
@@ -250,8 +252,8 @@ def test_bypass_equals_merged_and_never_writes_weights(pack, tiny_sd15, base, lo
 
 def test_bypass_strength_change_swaps_hooks_without_repatching(pack, tiny_sd15, base, lora_file):
     spec = lora_file("kohya", parts=("unet",), few=True)
-    a = node(pack, "LoraLabLoraLoaderModelOnly").load(tiny_sd15.model, spec.name, 1.0, bypass=True)["result"][0]
-    b = node(pack, "LoraLabLoraLoaderModelOnly").load(tiny_sd15.model, spec.name, 0.25, bypass=True)["result"][0]
+    a = node(pack, "LoraLabLoraLoaderModelOnly").load(tiny_sd15.model, spec.name, 1.0, **FORWARD)["result"][0]
+    b = node(pack, "LoraLabLoraLoaderModelOnly").load(tiny_sd15.model, spec.name, 0.25, **FORWARD)["result"][0]
     ya, yb = _unet_out(a), _unet_out(b)
     sd = b.model.state_dict()                                    # b loaded: weights are the originals
     assert all(torch.equal(sd[k], base[0][k]) for k in base[0])
@@ -259,6 +261,50 @@ def test_bypass_strength_change_swaps_hooks_without_repatching(pack, tiny_sd15, 
     assert torch.equal(ya, ya2) and not torch.equal(ya, yb)      # a's hooks came back, b's left
     merged_b = node(pack, "LoraLabLoraLoaderModelOnly").load(tiny_sd15.model, spec.name, 0.25)["result"][0]
     assert rel_err(yb, _unet_out(merged_b)) <= TOL["bypass_fp32"]
+
+
+def test_mode_inputs_and_the_legacy_bypass_flag(pack, tiny_sd15, lora_file):
+    """`mode` replaced the boolean `bypass` input (which read like ComfyUI's node Bypass). Old API
+    prompts still send `bypass`: it is a hidden input, so ComfyUI passes it and no widget shows it."""
+    spec = lora_file("kohya", parts=("unet",), few=True)
+    for name in ("LoraLabLoadLoRA", "LoraLabLoraLoaderModelOnly", "LoraLabLoraModelLoader"):
+        types = node(pack, name).INPUT_TYPES()
+        assert "bypass" not in types["optional"] and "bypass" in types["hidden"], name
+        assert types["optional"]["mode"][0] == ["merge weights", "forward pass"], name
+        assert types["optional"]["on_no_match"][0] == ["warn", "stop the run"], name
+    load = node(pack, "LoraLabLoraLoaderModelOnly").load
+    cases = {"merged": ({}, "patched"), "mode merge": ({"mode": "merge weights"}, "patched"),
+             "mode forward": (FORWARD, "bypassed"), "old prompt bypass=True": ({"bypass": True}, "bypassed"),
+             "old prompt bypass=False": ({"bypass": False}, "patched")}
+    for case, (kw, how) in cases.items():
+        report = load(tiny_sd15.model, spec.name, 1.0, **kw)["result"][1]
+        assert f"\n{how} " in report, (case, report)
+    with pytest.raises(ValueError, match="mode 'bypass' is not one of"):
+        load(tiny_sd15.model, spec.name, 1.0, mode="bypass")
+
+
+def test_on_no_match_stops_the_run_with_the_report(pack, tiny_sd15, comfy, lora_file):
+    """A file none of whose keys fit the model: 'warn' passes the model through with a 0-match
+    report; 'stop the run' raises, and the error carries the report (file name, 0 of N)."""
+    from loralab.lora import LoraError
+    from support import lorafiles
+
+    targets = [lorafiles.Target(f"diffusion_model.label_emb.{i}.0.weight", (32, 16), "unet") for i in range(3)]
+    path = os.path.join(comfy.loras_dir, "other_model_for_on_no_match.safetensors")
+    lorafiles.write_lora(path, lorafiles.make_lora(targets, rank=2, alpha=1.0), "kohya_ldm")
+    comfy.folder_paths.filename_list_cache.clear()
+    name = os.path.basename(path)
+    model, _, report = run_loader(pack, tiny_sd15, name)
+    assert "0 of 9 keys match" in report and not model.patches, report
+    with pytest.raises(LoraError, match=r"(?s)other_model_for_on_no_match.*0 of 9 keys match.*stop the run"):
+        run_loader(pack, tiny_sd15, name, on_no_match="stop the run")
+    sd = lorafiles.state_dict(lorafiles.make_lora(targets, rank=2, alpha=1.0), "kohya_ldm")[0]
+    with pytest.raises(LoraError, match="0 of 9 keys match"):
+        node(pack, "LoraLabLoraModelLoader").load(tiny_sd15.model, sd, 1.0, on_no_match="stop the run")
+    # a file that matches runs as usual with the option on
+    spec = lora_file("kohya", few=True)
+    model, _, report = run_loader(pack, tiny_sd15, spec.name, on_no_match="stop the run")
+    assert model.patches and re.search(r"\b(\d+) of \1 keys match", report), report
 
 
 # ---- LORA_MODEL interchange with core ----------------------------------------------------------------

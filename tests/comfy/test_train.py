@@ -56,7 +56,9 @@ def train(pack, sd15, cond, latents=None, positive=None, **kw):
     args.update(kw)
     listed = {k: v if k in ("latents", "positive") else [v] for k, v in args.items()}
     with torch.inference_mode():
-        return pack.NODE_CLASS_MAPPINGS["LoraLabTrainLoraNode"]().train(**listed)
+        out = pack.NODE_CLASS_MAPPINGS["LoraLabTrainLoraNode"]().train(**listed)
+    assert out["ui"]["loralab_loss"][0]["points"] == [[i + 1, v] for i, v in enumerate(out["result"][2]["loss"])]
+    return out["result"]
 
 
 @pytest.fixture(scope="module")

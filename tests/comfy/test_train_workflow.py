@@ -1,4 +1,4 @@
-"""example_workflows/train_then_sample.json through a real ComfyUI server: POST /prompt, then
+"""example_workflows/Train a LoRA, save it, load it and sample.json through a real ComfyUI server: POST /prompt, then
 /history. Train on two latents -> Save LoRA -> (its lora_name linked into) Load LoRA -> sample."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from support import server
 
 pytestmark = pytest.mark.server
 
-WORKFLOW = os.path.join(server.REPO_ROOT, "example_workflows", "train_then_sample.json")
+WORKFLOW = os.path.join(server.REPO_ROOT, "example_workflows", "Train a LoRA, save it, load it and sample.json")
 
 
 @pytest.fixture(scope="session")

@@ -78,16 +78,25 @@ def test_loaders_in_object_info(srv):
             assert (opts["min"], opts["max"], opts["step"], opts["default"]) == (-100.0, 100.0, 0.01, 1.0)
 
 
-def test_web_extension_and_help_pages_served(srv):
+def test_web_extension_help_pages_and_templates_served(srv):
+    import glob
+
     import requests
 
-    # example_workflows/ is offered in the UI's template browser under the pack's folder name
-    assert "load_lora_basic" in srv.get("/api/workflow_templates").get(server.PACK_DIR_NAME, [])
     ext = srv.get("/extensions")
     assert f"/extensions/{server.PACK_DIR_NAME}/loralab.js" in ext
-    for path in ("loralab.js", "docs/LoraLabLoadLoRA.md", "docs/LoraLabLoraLoaderModelOnly.md"):
+    ours = [k for k, d in srv.object_info(refresh=True).items() if d["python_module"].endswith(server.PACK_DIR_NAME)]
+    for path in ["loralab.js"] + [f"docs/{node}.md" for node in ours]:   # a help page for every node
         r = requests.get(f"{srv.url}/extensions/{server.PACK_DIR_NAME}/{path}", timeout=30)
         assert r.status_code == 200 and r.text.strip(), path
+    # example_workflows/ is offered in the UI's template browser under the pack's folder name, each
+    # with its thumbnail (<name>.jpg, the only image name the frontend asks for)
+    names = sorted(os.path.splitext(os.path.basename(p))[0]
+                   for p in glob.glob(os.path.join(server.REPO_ROOT, "example_workflows", "*.json")))
+    assert sorted(srv.get("/api/workflow_templates").get(server.PACK_DIR_NAME, [])) == names
+    for name in names:
+        r = requests.get(f"{srv.url}/api/workflow_templates/{server.PACK_DIR_NAME}/{name}.jpg", timeout=30)
+        assert r.status_code == 200 and r.headers["Content-Type"] == "image/jpeg" and r.content[:3] == b"\xff\xd8\xff", name
 
 
 def test_example_workflow_through_post_prompt(srv):

@@ -7,7 +7,7 @@ Layout of a server's base directory (``--base-directory``: nothing touches the C
     <base>/models/loras/loralab_demo/tiny_sd15_demo_lora.safetensors   a kohya LoRA for it, in a subfolder
     <base>/output, input, temp, user, comfyui.log
 
-``example_workflows/load_lora_basic.json`` names exactly these two files.
+``example_workflows/Load a LoRA and sample.json`` names exactly these two files.
 
     base = prepare_base(tmp, checkpoint_src)
     with ComfyServer(base) as srv:            # starts, waits for /object_info; stop() kills the group
@@ -38,7 +38,7 @@ from .comfy_env import REPO_ROOT, comfy_dir
 PACK_DIR_NAME = "ComfyUI-LoRA-Lab"
 DEMO_CHECKPOINT = "loralab_demo_tiny_sd15.safetensors"
 DEMO_LORA = "loralab_demo/tiny_sd15_demo_lora.safetensors"
-EXAMPLE_WORKFLOW = os.path.join(REPO_ROOT, "example_workflows", "load_lora_basic.json")
+EXAMPLE_WORKFLOW = os.path.join(REPO_ROOT, "example_workflows", "Load a LoRA and sample.json")
 LORA_NODES = ("LoraLabLoadLoRA", "LoraLabLoraLoaderModelOnly")
 
 _CKPT_UNET = "model.diffusion_model."
@@ -309,6 +309,16 @@ class ComfyServer:
 
     def run(self, prompt: dict, timeout: float = 180.0) -> dict:
         return self.wait(self.queue(prompt), timeout)
+
+    def wait_idle(self, timeout: float = 180.0) -> None:
+        """Until the queue is empty (whatever was queued, from the UI too, has run)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            q = self.get("/queue")
+            if not q["queue_running"] and not q["queue_pending"]:
+                return
+            time.sleep(0.25)
+        raise ServerError(f"the queue was still busy after {timeout:.0f}s\n{self.log_tail()}")
 
 
 def _group_alive(pgid: int, wait: float) -> bool:

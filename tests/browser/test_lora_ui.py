@@ -109,7 +109,7 @@ def test_lora_browser_tree_search_and_info_panel(page, srv, ui_loras):
     row = page.locator(".loralab-file-row[data-name='styles/watercolor/watercolor_v2.safetensors']")
     row.hover()
     panel = _panel_for(page, "watercolor_v2")
-    assert panel["rows"]["Base model"] == "SD1.x" and panel["rows"]["Algorithm"] == "LoRA"
+    assert panel["rows"]["Base model"] == "SD1.5" and panel["rows"]["Algorithm"] == "LoRA"
     assert panel["rows"]["Rank / alpha"] == "4 / 2" and panel["rows"]["steps"] == "1500"
     assert panel["rows"]["learning rate"] == "0.0001" and panel["rows"]["resolution"] == "512×512"
     assert panel["triggers"] == ["ohwx style", "watercolor"] and panel["tags"] == 2

@@ -107,7 +107,7 @@ def test_info_of_the_demo_lora(srv):
 
 def test_info_with_metadata_trigger_words_and_preview(srv, files):
     info = get(srv, "/loralab/info", name=files["meta"]).json()
-    assert (info["base_model"], info["algorithm"], info["rank"], info["alpha"]) == ("SD1.x", "LoRA", 4, 2.0)
+    assert (info["base_model"], info["algorithm"], info["rank"], info["alpha"]) == ("SD1.5", "LoRA", 4, 2.0)
     assert info["trigger_words"] == ["ohwx", "watercolor"]
     assert info["training"]["steps"] == "1500" and info["tags"] == [["ohwx", 10], ["paper", 3]]
     assert info["preview"].startswith("/loralab/preview?")

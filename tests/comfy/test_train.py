@@ -213,7 +213,7 @@ def test_rank_larger_than_a_layer_allows_is_refused(pack, sd15, cond):
     from loralab.lora.errors import LoraError
 
     targets = adapters.find_targets(sd15.model.model.diffusion_model, train_node.layer_names(sd15.model))
-    smallest = min(adapters.LayerSpec.of(m).max_rank() for m in targets.values())
+    smallest = min(adapters.trainable("lora").max_rank(adapters.layer_op(m)) for m in targets.values())
     with pytest.raises(LoraError, match=f"rank {smallest + 1} is larger"):
         adapters.check_rank(targets, smallest + 1, "lora")
 

@@ -23,7 +23,10 @@ import torch
 
 from loralab.lora import apply, parse
 from loralab.lora import bypass as bypass_mode
+from loralab.lora.adapters import ADAPTERS
+from loralab.lora.adapters import trainable as trainable_classes
 from loralab.lora.bypass import attach
+from loralab.lora.ops import Op
 from tolerances import rel_err, tol_for
 
 OUT, IN, K = 8, 12, 3          # Linear (8, 12); Conv2d (8, 6, 3, 3)
@@ -206,6 +209,17 @@ def boft(alpha=0.0, rescale=False):
     return build
 
 
+def trained(algo, rank):
+    """What the trainer saves: factors laid out by ``Adapter.init`` (the producer's initialisation,
+    as training creates them for this layer), then moved off their zero init (random)."""
+    def build(shape, rnd):
+        cls = ADAPTERS[algo]
+        fresh = cls.init(Op(conv_dims=len(shape) - 2, shape=tuple(shape)), rank, 2.0, torch.Generator().manual_seed(0))
+        moved = {r: t if r == "alpha" else rnd(*t.shape) for r, t in fresh.factors().items() if t is not None}
+        return cls.from_factors(moved, prefix="", file=None, options={}).to_state_dict("")
+    return build
+
+
 def with_(*parts):
     def build(shape, rnd):
         return {k: v for p in parts for k, v in p(shape, rnd).items()}
@@ -295,7 +309,14 @@ CASES = [
     Case("diff", lambda s, rnd: {".diff": rnd(*s)}),
     Case("diff_b", lambda s, rnd: {".diff_b": rnd(s[0])}, target="bias"),
     Case("set_weight", lambda s, rnd: {".set_weight": rnd(*s)}),
+    # every trainable algorithm, as training lays out its factors (test_training_adapters.py adds
+    # the training-only invariants: gradients, init = base model, bypass == the loader's merge)
+    Case("trained_lora", trained("lora", 3)),
+    Case("trained_loha", trained("loha", 2)),
+    Case("trained_lokr", trained("lokr", 1)),
+    Case("trained_oft", trained("oft", 4)),
 ]
+TRAINABLE_CASES = {c.name.removeprefix("trained_") for c in CASES if c.name.startswith("trained_")}
 BY_NAME = {c.name: c for c in CASES}
 
 
@@ -453,7 +474,7 @@ BUILDS_DELTA = {"glora_old", "glora_dora"}
 BUILDS_DELTA_GROUPED = {"locon_tucker", "loha_tucker", "lokr_w2_lowrank", "lokr_w1_lowrank", "lokr_both_lowrank",
                         "lokr_full", "lokr_t2", "lokr_t1", "lokr_dora_in", "glora", "glora_old", "glora_bm",
                         "glora_dora", "oft", "oft_constrained", "oft_rescale", "oft_diag", "boft",
-                        "boft_constrained_rescale"}
+                        "boft_constrained_rescale", "trained_lokr", "trained_oft"}
 
 
 def _loha_delta_is_smaller(a, shape) -> bool:
@@ -543,3 +564,7 @@ def test_weight_independent_bypass_never_reads_the_weight(case, kind):
         dy = a.bypass(x, poisoned, 0.7, bypass_mode.Op.of(m))
     assert dy is not None and torch.isfinite(dy).all()
     assert rel_err(base_out + dy, merged_out) <= tol_for(torch.float32, "bypass")
+
+
+def test_every_trainable_algorithm_is_in_the_matrix():
+    assert TRAINABLE_CASES == {c.name for c in trainable_classes()}

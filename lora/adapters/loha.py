@@ -93,11 +93,12 @@ class LoHa(Adapter):
         return lycoris_scale(self.alpha, self.rank)
 
     def delta(self, weight):
-        m1 = _half(self.w1_a, self.w1_b, self.t1, weight.device)
-        m2 = _half(self.w2_a, self.w2_b, self.t2, weight.device)
-        d = m1 * m2
-        ensure_same_numel(self, d.numel(), weight.shape, self.prefix)
-        return d.reshape(weight.shape) * self.scale
+        return self._delta(weight.shape, weight.device)
+
+    def _delta(self, shape, device) -> torch.Tensor:
+        d = _half(self.w1_a, self.w1_b, self.t1, device) * _half(self.w2_a, self.w2_b, self.t2, device)
+        ensure_same_numel(self, d.numel(), shape, self.prefix)
+        return d.reshape(shape) * self.scale
 
     def check_target(self, shape, key):
         s = half_shape(self.w1_a, self.w1_b, self.t1)
@@ -142,7 +143,7 @@ class LoHa(Adapter):
     def delta_forward(self, x, weight, op, scale, base=None):
         if not self._product_is_smaller(weight.shape):
             # ΔW is the smaller form: built from the factors (W itself is never read)
-            return op(x, self.delta(weight).to(x.dtype)).mul_(scale)
+            return op(x, self._delta(weight.shape, x.device).to(x.dtype)).mul_(scale)
         u, v = self._outer(x.device, x.dtype)
         if self.t1 is None:
             return low_rank_forward(x, u, v, op, scale * self.scale)

@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = 0
     training_dtype: torch.dtype = torch.bfloat16
     lora_dtype: torch.dtype = torch.bfloat16
-    algorithm: str = "lora"
+    algorithm: str = "LoRA"          # a trainable adapter label or name (adapters.trainable)
     gradient_checkpointing: bool = True
 
     def check(self) -> None:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LoraError
 from .base import (Adapter, alpha_tensor, alpha_value, ensure_same_numel, factor_rank, low_rank_forward,
                    lycoris_scale, pick, tucker)
 
@@ -82,7 +81,8 @@ class LoHa(Adapter):
 
     def factors(self):
         return {"hada_w1_a": self.w1_a, "hada_w1_b": self.w1_b, "hada_w2_a": self.w2_a, "hada_w2_b": self.w2_b,
-                "hada_t1": self.t1, "hada_t2": self.t2, "alpha": alpha_tensor(self.alpha), "dora_scale": self.dora_scale}
+                "hada_t1": self.t1, "hada_t2": self.t2, "alpha": alpha_tensor(self.alpha),
+                "dora_scale": self.dora_scale}
 
     @property
     def rank(self) -> int:

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LoraError
-from .base import Adapter, alpha_tensor, alpha_value, ensure_same_numel, factor_rank, factorize, kaiming, lycoris_scale, tucker
+from .base import (Adapter, alpha_tensor, alpha_value, ensure_same_numel, factor_rank, factorize, kaiming,
+                   lycoris_scale, tucker)
 
 _HALVES = {1: ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_t1"), 2: ("lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")}
 
@@ -193,7 +194,8 @@ class LoKr(Adapter):
 
     def dora_terms(self, weight, axis):
         """⟨W, ΔW⟩ and ‖ΔW‖² per channel from the Kronecker structure (see ``delta_forward``):
-        ⟨W_(i,p), ΔW_(i,p)⟩ = γ·Σ_jqk W[(i,p), (j,q), k]·W1[i,j,k1]·W2[p,q,k2];  ‖ΔW_(i,p)‖² = γ²·‖W1_i‖²·‖W2_p‖²."""
+            ⟨W_(i,p), ΔW_(i,p)⟩ = γ·Σ_jqk W[(i,p), (j,q), k]·W1[i,j,k1]·W2[p,q,k2]
+            ‖ΔW_(i,p)‖² = γ²·‖W1_i‖²·‖W2_p‖²            (the same over columns (j, q) on the input axis)"""
         a, b, c, d, k1, k2 = self._dims(weight.shape)
         if k1 > 1 and k2 > 1:
             return None

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LoraError
-from ..ops import Op
 from .base import Adapter, alpha_tensor, alpha_value, ensure_same_numel, kaiming, low_rank_forward
 
 _SUFFIXES = {

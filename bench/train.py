@@ -3,8 +3,8 @@
 Both nodes get the same inputs: the tiny SD1.5 UNet (``tests/support/checkpoints.py``, ~44M
 parameters, fp32 file), the same seeded latents and conditioning (random CLIP-sized tensors: their
 values do not change the cost), batch size 2, rank 8, AdamW, MSE, learning rate 5e-4, seed 0,
-gradient checkpointing on, ``training_dtype`` = ``lora_dtype`` = ``--dtype``. Core's algorithm is
-called "LoRA", ours "lora".
+gradient checkpointing on, ``training_dtype`` = ``lora_dtype`` = ``--dtype``, algorithm "LoRA"
+(both nodes use core's name).
 
 Every run is a fresh process (``python -m bench._worker``) that loads only the UNet (a cached
 UNet-only copy of the checkpoint, so loading the text encoder does not set the peak), sets
@@ -37,7 +37,6 @@ from .common import (CACHE_DIR, BenchError, PeakProbe, command_line, comfy_versi
                      write_results)
 
 IMPLS = ("core", "ours")
-ALGORITHM = {"core": "LoRA", "ours": "lora"}
 WORK = os.path.join(CACHE_DIR, "train")
 UNET_PREFIX = "model.diffusion_model."
 MB = 2 ** 20
@@ -101,7 +100,7 @@ def job_run(spec: dict) -> dict:
     args = dict(model=[model], latents=latents, positive=positive, batch_size=[spec["batch"]],
                 grad_accumulation_steps=[1], steps=[spec["steps"]], learning_rate=[5e-4], rank=[spec["rank"]],
                 optimizer=["AdamW"], loss_function=["MSE"], seed=[0], training_dtype=[spec["dtype"]],
-                lora_dtype=[spec["dtype"]], algorithm=[ALGORITHM[impl]],
+                lora_dtype=[spec["dtype"]], algorithm=["LoRA"],
                 gradient_checkpointing=[spec["gradient_checkpointing"]], existing_lora=["[None]"])
     if impl == "ours":
         node = pack.NODE_CLASS_MAPPINGS["LoraLabTrainLoraNode"]()

@@ -763,7 +763,7 @@ def _modules(shapes: Mapping[str, Any]) -> _Modules:
     for key, value in shapes.items():
         shape = _shape(value)
         hit = split_key(key)
-        generic = hit is not None and hit[1] is not None and hit[2] in getattr(hit[1], "generic_roles", ())
+        generic = hit is not None and any(hit[2] in owner.generic_roles for owner in hit[1])
         if hit is not None and not generic:
             module, role, factor = hit[0], hit[2], True
         else:

@@ -2,9 +2,32 @@
 
 For weights that cannot be patched in place (fp8, quantised custom layers) and for strength changes
 that cost nothing. Each adapter gives Δy(x) such that W·x + Δy equals the layer with the merged
-weight W + ΔW_s: through its own ``bypass(x, weight, strength, op, base=None)`` when it has a cheaper
-form (LoRA: up(down(x)); OFT: a rotation of W·x; IA3: a channel scale), and otherwise — or when that
-returns None — through Δy = op(x, ΔW_s), ΔW_s = merged − W computed in float32.
+weight W + ΔW_s, through its own ``Adapter.bypass(x, weight, strength, op, base)``, which never
+builds a ΔW of the weight's size:
+
+    LoRA / LoCon / Tucker   s·γ·up(mid(down(x))), the factors run as the layer runs W (grouped convs too)
+    LoHa (incl. Tucker)     the Hadamard product as one rank-r1·r2 product U·(V·x) (Tucker: U·T·V)
+    LoKr                    Linear: vec(W1·X·W2ᵀ); Conv: W2 as a batched conv over x's c channel groups,
+                            then a channel mix by W1 (or the reverse when the kernel is W1's)
+    GLoRA                   W·(a1·a2·x) + b1·(bm)·b2·x
+    OFT / BOFT              the rotation of the layer's output channels
+    IA3                     a scale of the output channels (or of the input's)
+    diff / set_weight       the stored tensor run as the layer's op
+    DoRA (LyCORIS, PEFT)    the plain route above, rescaled per channel; the norms ‖W + s·ΔW‖ come
+                            from W·factorsᵀ and the factors' Gram matrices, cached per weight (dora.py)
+
+Where an adapter has no such route ``bypass`` returns None and Δy = op(x, ΔW_s) with ΔW_s =
+merged − W (``weight_delta``, float32). That fallback remains only where the layer or the format
+leaves no cheaper form, each for the reason given:
+    - grouped convs with Tucker LoRA/LoHa, LoKr, GLoRA, OFT/BOFT: the factors' own convs would mix
+      channels across groups (OFT: rotating rows of W across groups is not a mix of the outputs);
+    - GLoRA's old layout, and DoRA on GLoRA, OFT or BOFT: no low-rank form of ⟨W, ΔW⟩ to take
+      the norms from (the weight-dependent ΔW needs W·W-products);
+    - LoKr whose two halves both carry kernel dims (a kernel that is itself a Kronecker product,
+      which no tool writes).
+LoHa whose rank-r1·r2 form is larger than ΔW itself (r1·r2·(out + in·k) ≥ out·in·k) builds ΔW from
+its factors, never reading W: there ΔW is the smaller and faster form. DoRA on the input axis costs
+one extra W·x per forward (the rescale acts on W's input).
 
 Adapters are applied independently against the layer's own weight, so a stack of additive adapters
 equals merged mode; a stack holding a non-additive one (OFT, BOFT, DoRA) equals applying each to the
@@ -20,57 +43,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from .errors import LoraError
+from .ops import Op, on_channels
 
 if TYPE_CHECKING:
     from .adapters.base import Adapter
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-@dataclass(frozen=True)
-class Op:
-    """How a layer applies its weight (bias excluded): F.linear, or F.convNd with its geometry."""
-    conv_dims: int = 0                     # 0: Linear; 1, 2, 3: ConvNd
-    stride: tuple | int = 1
-    padding: tuple | int | str = 0
-    dilation: tuple | int = 1
-    groups: int = 1
-    padding_mode: str = "zeros"
-    pad: tuple = ()                        # F.pad amounts when padding_mode is not "zeros"
-
-    @classmethod
-    def of(cls, module: torch.nn.Module) -> "Op":
-        if isinstance(module, torch.nn.Linear):
-            return cls()
-        if isinstance(module, torch.nn.modules.conv._ConvNd) and not module.transposed:
-            dims = len(module.kernel_size)
-            return cls(dims, module.stride, module.padding, module.dilation, module.groups, module.padding_mode,
-                       tuple(getattr(module, "_reversed_padding_repeated_twice", ())))
-        raise TypeError(f"bypass supports Linear and Conv1d/2d/3d layers, not {type(module).__name__}")
-
-    @property
-    def channel_axis(self) -> int:
-        return 1 if self.conv_dims else -1
-
-    def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """The layer's own op: y = W·x (no bias)."""
-        if not self.conv_dims:
-            return F.linear(x, w)
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x, padding = F.pad(x, self.pad, mode=self.padding_mode), 0
-        return _CONV[self.conv_dims](x, w, None, self.stride, padding, self.dilation, self.groups)
-
-    def pointwise(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """A 1×1 (stride 1, no padding) application of w: channel mixing only."""
-        return F.linear(x, w) if not self.conv_dims else _CONV[self.conv_dims](x, w)
+__all__ = ["Bypassed", "Entry", "Op", "attach", "bias_delta", "delta_output", "on_channels", "weight_delta"]
 
 
 def weight_delta(adapter: "Adapter", weight: torch.Tensor, strength: float) -> torch.Tensor:
-    """ΔW_s = merged − W in float32, whatever the adapter's strength rule."""
+    """ΔW_s = merged − W in float32, whatever the adapter's strength rule (the fallback route)."""
     w = weight.detach().float()
     return adapter.apply_(w.clone(), strength).sub_(w)
 
@@ -78,18 +62,10 @@ def weight_delta(adapter: "Adapter", weight: torch.Tensor, strength: float) -> t
 def delta_output(adapter: "Adapter", x: torch.Tensor, weight: torch.Tensor, strength: float, op: Op,
                  base: torch.Tensor | None = None) -> torch.Tensor:
     """Δy for one adapter on a weight. ``x`` in the math dtype (float32); ``base`` = W·x if known."""
-    fast = getattr(adapter, "bypass", None)
-    dy = fast(x, weight, strength, op, base=base) if fast is not None else None
+    dy = adapter.bypass(x, weight, strength, op, base=base)
     if dy is None:
-        dy = op(x, weight_delta(adapter, weight, strength).to(x.device))
+        dy = op(x, weight_delta(adapter, weight, strength).to(device=x.device, dtype=x.dtype))
     return dy
-
-
-def on_channels(v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
-    """A per-channel vector shaped to broadcast along ``axis`` of a ``ndim``-dim activation."""
-    shape = [1] * ndim
-    shape[axis] = -1
-    return v.reshape(shape)
 
 
 def bias_delta(adapter: "Adapter", bias: torch.Tensor, strength: float, ndim: int, axis: int) -> torch.Tensor:
@@ -119,7 +95,7 @@ class _Layer:
         math = torch.float64 if x.dtype == torch.float64 else torch.float32
         xm = x.to(math)
         base = None
-        if any(getattr(e.adapter, "bypass_uses_base", False) and e.adapter.target == "weight" for e in live):
+        if any(e.adapter.target == "weight" and e.adapter.uses_base() for e in live):
             base = output.to(math)
             if module.bias is not None:
                 base = base - on_channels(module.bias.to(base), base.dim(), self.op.channel_axis)

@@ -203,9 +203,9 @@ def _structure(shapes: Mapping[str, tuple[int, ...]]) -> dict:
         if hit is None:
             unknown += 1
             continue
-        prefix, cls, role = hit
-        # registry names compared in lower case: they are display values too, and may be capitalised
-        roles_by_module.setdefault(prefix, {})[role] = (cls.name.lower() if cls is not None else None, shape)
+        prefix, owners, role = hit
+        # the first owner of a shared suffix (OFT before BOFT: told apart by the block dims below)
+        roles_by_module.setdefault(prefix, {})[role] = (owners[0].name if owners else None, shape)
     dora = conv = False
     for roles in roles_by_module.values():
         names = {n for n, _ in roles.values() if n}

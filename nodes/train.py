@@ -338,9 +338,11 @@ class LoraLabTrainLoraNode:
                                               "fastest; on a CPU fp32 usually is)."}),
                 "lora_dtype": (list(loop.DTYPES), {"default": "bf16",
                                "tooltip": "Precision the LoRA's factors are trained and stored in."}),
-                "algorithm": (adapters.algorithms(), {"default": "lora",
-                              "tooltip": "lora: low-rank (kohya LoRA/LoCon); loha: Hadamard product; lokr: "
-                                         "Kronecker product; oft: orthogonal (block rotation) fine-tuning."}),
+                "algorithm": (adapters.algorithms(), {"default": "LoRA",
+                              "tooltip": "LoRA: low-rank (kohya LoRA/LoCon); LoHa: Hadamard product; LoKr: "
+                                         "Kronecker product; OFT: orthogonal (block rotation) fine-tuning. "
+                                         "Core's TrainLoraNode names; lora/loha/lokr/oft of older workflows "
+                                         "are still accepted."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": True,
                                            "tooltip": "Recompute activations in the backward pass: much less "
                                                       "memory, somewhat slower."}),
@@ -351,6 +353,21 @@ class LoraLabTrainLoraNode:
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, algorithm=None):
+        """``algorithm``: core's names, or the lowercase ones workflows saved before took. Naming it
+        here makes ComfyUI skip its own combo check of this input, so the check is ours."""
+        for value in algorithm if isinstance(algorithm, list) else [algorithm]:
+            if value is None:        # linked from another node: checked when the node runs
+                continue
+            if not isinstance(value, str):
+                return f"algorithm must be one of {', '.join(adapters.algorithms())}, not {value!r}"
+            try:
+                adapters.trainable(value)
+            except TrainingError as e:
+                return str(e)
+        return True
 
     def train(self, model, latents, positive, batch_size, grad_accumulation_steps, steps, learning_rate, rank,
               optimizer, loss_function, seed, training_dtype, lora_dtype, algorithm, gradient_checkpointing,

@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = 0
     training_dtype: torch.dtype = torch.bfloat16
     lora_dtype: torch.dtype = torch.bfloat16
-    algorithm: str = "lora"
+    algorithm: str = "LoRA"          # a trainable adapter label or name (adapters.trainable)
     gradient_checkpointing: bool = True
 
     def check(self) -> None:
@@ -136,9 +136,9 @@ class TrainResult:
 
 
 # ---- small steps --------------------------------------------------------------------------------
-def param_table(adapters: dict[str, ad.Trainable]) -> dict[str, nn.Parameter]:
+def param_table(adapters: dict[str, ad.TrainableAdapter]) -> dict[str, nn.Parameter]:
     """'<module>/<role>' -> parameter, in a fixed order (optimizer state is keyed by these names)."""
-    return {f"{name}/{role}": p for name, a in adapters.items() for role, p in a.factors().items()}
+    return {f"{name}/{role}": p for name, a in adapters.items() for role, p in a.factors.items()}
 
 
 def make_optimizer(params: dict[str, nn.Parameter], config: TrainConfig,
@@ -172,7 +172,7 @@ def load_optimizer_state(opt, params, state) -> None:
     opt.load_state_dict(sd)
 
 
-def snapshot(adapters: dict[str, ad.Trainable], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def snapshot(adapters: dict[str, ad.TrainableAdapter], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out = {}
     for name, a in adapters.items():
         out.update(a.state_dict_for(name, dtype))
@@ -255,8 +255,8 @@ def _train(targets, denoise, objective, dataset, config, resume, root, checkpoin
         raise TrainingError("the model has no layers to train (no Linear/Conv layers were selected)")
     started = time.time()
     device = _device_of(targets)
-    adapters = ad.build(targets, config.algorithm, config.rank, config.alpha, config.seed, config.lora_dtype,
-                        resume.factors if resume else None)
+    adapters = ad.create_adapters(targets, config.algorithm, config.rank, config.alpha, config.seed,
+                                  config.lora_dtype, resume.adapters if resume else None)
     params = param_table(adapters)
     notes = list(resume.notes) if resume else []
     opt_state = resume.optimizer_state if resume else None
@@ -275,7 +275,7 @@ def _train(targets, denoise, objective, dataset, config, resume, root, checkpoin
         meta = dict(info or {})
         meta.update(
             algorithm=first.name, rank=max(a.rank for a in adapters.values()), alpha=first.alpha,
-            has_conv=any(a.spec.is_conv for a in adapters.values()), steps=start_step + done,
+            has_conv=any(a.op.conv_dims > 0 for a in adapters.values()), steps=start_step + done,
             learning_rate=config.learning_rate, optimizer=config.optimizer, loss=config.loss, seed=config.seed,
             batch_size=config.batch_size, grad_accumulation_steps=config.grad_accumulation_steps,
             gradient_checkpointing=config.gradient_checkpointing, training_dtype=dtype_name(config.training_dtype),

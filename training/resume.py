@@ -1,5 +1,10 @@
 """Continue training from an existing file: its factors, its step count (from metadata, whatever
-the file is called) and, when it carries it, its optimizer state."""
+the file is called) and, when it carries it, its optimizer state.
+
+The file is read by the loader's own registry (``lora.adapters.parse``), so every naming and
+factor layout the loader reads for a trainable algorithm can be continued, and the factors mean
+exactly what they mean when the file is loaded (e.g. alpha = 0 is scale 1, as kohya trains it).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,36 +13,25 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..lora.adapters import parse
+from ..lora.adapters.base import Adapter
+from ..lora.errors import LoraError
 from ..lora.io import LoraFile
 from ..lora import arch as archs
 from ..lora.keys import canonical, describe
 from . import metadata as meta
-from .adapters import TRAINABLE, LayerSpec
+from .adapters import LEGACY_ROLES, algorithms, trainable
 from .errors import TrainingError
-
-# file suffix -> (algorithm, role), longest first, from the trainable classes
-_SUFFIXES = sorted(((s, cls.name, role) for cls in TRAINABLE.values() for s, role in cls.suffixes.items()),
-                   key=lambda t: -len(t[0]))
 
 
 @dataclass
 class Resume:
     source: str                                     # file name, for messages and metadata
-    factors: dict[str, dict[str, torch.Tensor]]     # target name -> role -> tensor (incl. "alpha")
+    adapters: dict[str, Adapter]                    # target name -> the file's adapter for it
     steps: int = 0
     optimizer: str | None = None
-    optimizer_state: dict[str, torch.Tensor] | None = None
+    optimizer_state: dict[str, torch.Tensor] | None = None    # '<target>/<role>/<state key>' -> tensor
     notes: list[str] = field(default_factory=list)
-
-
-def _split(key: str) -> tuple[str, str, str] | None:
-    """'x.lora_up.weight' -> ('x', 'lora', 'up'); alpha -> ('x', '', 'alpha')."""
-    if key.endswith(".alpha"):
-        return key[: -len(".alpha")], "", "alpha"
-    for suffix, algo, role in _SUFFIXES:
-        if key.endswith(suffix) and len(key) > len(suffix):
-            return key[: -len(suffix)], algo, role
-    return None
 
 
 def load(file: LoraFile, targets: Mapping[str, nn.Module], algorithm: str, arch: str | None) -> Resume:
@@ -47,60 +41,80 @@ def load(file: LoraFile, targets: Mapping[str, nn.Module], algorithm: str, arch:
     ``arch``: the model's architecture as metadata names it (a lora.arch variant id or modelspec id).
     """
     name = file.name
+    cls = trainable(algorithm)
     model_arch, model_variant, _ = archs.by_metadata({"lora_lab.architecture": arch} if arch else {})
     file_arch, _, said = archs.by_metadata(file.metadata)
     if model_arch is not None and file_arch is not None and file_arch is not model_arch:
         raise TrainingError(f"existing_lora was trained for {said}; this model is "
                             f"{(model_variant or model_arch).name} ({arch!r})", file=name)
 
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    algos: dict[str, set[str]] = {}
-    unknown = []
-    for key, t in file.tensors.items():
-        hit = _split(key)
-        if hit is None:
-            unknown.append(key)
-            continue
-        prefix, algo, role = hit
-        modules.setdefault(prefix, {})[role] = t
-        if algo:
-            algos.setdefault(algo, set()).add(prefix)
+    parsed = parse(file.tensors, file=name, options={"metadata": file.metadata})
+    unknown = [k for k in parsed.unknown if not k.endswith(".alpha")]    # a stray alpha: nothing to continue
     if unknown:
-        raise TrainingError(f"existing_lora has {len(unknown)} key(s) that no trainable algorithm continues "
-                            f"(e.g. full '.diff' / '.diff_b' tensors or DoRA scales): {describe(unknown)}", file=name)
-    if not algos:
-        raise TrainingError("existing_lora holds no LoRA/LoHa/LoKr/OFT factors", file=name)
-    if set(algos) != {algorithm}:
-        found = ", ".join(f"{a} ({len(p)} modules)" for a, p in sorted(algos.items()))
-        raise TrainingError(f"existing_lora holds {found}, but the algorithm chosen is {algorithm!r}: choose "
-                            f"{' or '.join(sorted(algos))} to continue it, or train a new LoRA", file=name)
+        raise TrainingError(f"existing_lora has {len(unknown)} key(s) of no known format: {describe(unknown)}",
+                            file=name)
+    found: dict[str, list[str]] = {}
+    for prefix, adapters in parsed.modules.items():
+        for a in adapters:
+            found.setdefault(a.name, []).append(prefix)
+    if not found:
+        raise TrainingError(f"existing_lora holds no {'/'.join(algorithms())} factors", file=name)
+    if set(found) != {cls.name}:
+        desc = ", ".join(f"{a} ({len(p)} modules)" for a, p in sorted(found.items()))
+        can = [c.label for c in map(_trainable_or_none, found) if c is not None]
+        hint = (f"choose {' or '.join(can)} to continue it, or train a new LoRA" if can else
+                f"training continues only {', '.join(algorithms())} files")
+        raise TrainingError(f"existing_lora holds {desc}, but the algorithm chosen is {algorithm!r}: {hint}", file=name)
 
-    factors: dict[str, dict[str, torch.Tensor]] = {}
+    chosen: dict[str, Adapter] = {}
     missing = []
-    for prefix, f in modules.items():
-        if len(f) == 1 and "alpha" in f:
-            continue          # a stray alpha without factors: nothing to continue
+    for prefix, (a,) in parsed.modules.items():
         target = prefix if prefix in targets else canonical(prefix)
         if target not in targets:
             missing.append(prefix)
             continue
-        factors[target] = f
+        problem = a.resume_problem()
+        if problem:
+            raise TrainingError(f"existing_lora cannot be continued: {problem}", file=name, key=prefix)
+        chosen[target] = a
     if missing:
         guess = archs.identify(file.tensors, file.metadata).name
         hint = f" (the file looks like {archs.a(guess)} LoRA)" if guess else ""
-        raise TrainingError(f"{len(missing)} of {len(modules)} modules of existing_lora are not layers this model "
-                            f"trains{hint}: {describe(missing)}", file=name)
-    for target, f in factors.items():
-        spec = LayerSpec.of(targets[target])
-        TRAINABLE[algorithm].from_factors(spec, f, torch.float32, target)   # shape check, clear message
+        raise TrainingError(f"{len(missing)} of {len(parsed.modules)} modules of existing_lora are not layers this "
+                            f"model trains{hint}: {describe(missing)}", file=name)
+    for target, a in chosen.items():
+        try:
+            a.check_target(targets[target].weight.shape, target)
+        except LoraError as e:
+            raise TrainingError(str(e)) from None
 
-    r = Resume(source=name, factors=factors, steps=meta.read_steps(file.metadata),
+    r = Resume(source=name, adapters=chosen, steps=meta.read_steps(file.metadata),
                optimizer=file.metadata.get("lora_lab.optimizer"))
     if "lora_lab.steps" not in file.metadata and "ss_steps" not in file.metadata:
         r.notes.append(f"{name} records no step count; counting from 0")
     state = file.metadata.get("lora_lab.optimizer_state")
     if state:
-        r.optimizer_state = meta.decode_optimizer_state(state, file=name)
+        r.optimizer_state = _current_names(meta.decode_optimizer_state(state, file=name), cls.name)
     else:
         r.notes.append(f"{name} carries no optimizer state; the optimizer starts fresh")
     return r
+
+
+def _trainable_or_none(algorithm: str):
+    try:
+        return trainable(algorithm)
+    except TrainingError:
+        return None
+
+
+def _current_names(state: dict[str, torch.Tensor], algorithm: str) -> dict[str, torch.Tensor]:
+    """Optimizer state keyed '<target>/<role>/<key>' with the roles of today's adapters (files
+    trained before the adapters were unified name them w1a, blocks, …; see LEGACY_ROLES)."""
+    legacy = LEGACY_ROLES.get(algorithm, {})
+    out = {}
+    for key, t in state.items():
+        parts = key.rsplit("/", 2)
+        if len(parts) == 3:
+            parts[1] = legacy.get(parts[1], parts[1])
+        out["/".join(parts)] = t
+    return out

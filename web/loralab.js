@@ -145,3 +145,25 @@ app.registerExtension({
     };
   },
 });
+
+// Train LoRA: `algorithm` takes core TrainLoraNode's names (LoRA, LoHa, LoKr, OFT). A workflow saved
+// with the earlier lowercase names (lora, loha, …) loads with the matching option selected, instead
+// of a value the list does not hold.
+export function currentAlgorithm(value, options) {
+  if (!Array.isArray(options) || options.includes(value)) return value;
+  return options.find((o) => o.toLowerCase() === String(value).toLowerCase()) ?? value;
+}
+
+app.registerExtension({
+  name: "LoraLab.TrainAlgorithmNames",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== "LoraLabTrainLoraNode") return;
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const r = onConfigure?.apply(this, arguments);
+      const w = this.widgets?.find((w) => w.name === "algorithm");
+      if (w) w.value = currentAlgorithm(w.value, w.options?.values);
+      return r;
+    };
+  },
+});

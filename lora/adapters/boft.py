@@ -10,6 +10,8 @@ Keys as OFT (oft.py), with 4-dim ``oft_blocks`` (m, num, b, b); out = num·b, b 
 Strength interpolates every stage toward I, as LyCORIS does; LyCORIS leaves ρ un-blended (equal at
 s = 1 and without ``rescale``). ComfyUI core interpolates the stages and then scales W' − W by s
 again, and uses c = alpha.
+
+Bypass: Δy = butterfly_s(W·x) − W·x on the output channels (not for DoRA or grouped convs, see OFT).
 """
 from __future__ import annotations
 
@@ -17,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import dora
-from .oft import OFT, cayley
+from .oft import OFT, _solve_dtype, cayley
 
 
 def butterfly_perm(out: int, half: int, device) -> torch.Tensor:
@@ -29,6 +30,13 @@ def butterfly_perm(out: int, half: int, device) -> torch.Tensor:
 @dataclass(eq=False, repr=False)
 class BOFT(OFT):
     name = "boft"
+    label = "BOFT"
+    trainable = False
+
+    @classmethod
+    def accepts(cls, factors):
+        blocks = factors.get("oft_blocks")
+        return "oft_diag" not in factors and blocks is not None and blocks.dim() == 4
 
     def _check_blocks(self, factors) -> None:
         t = self.blocks
@@ -40,8 +48,7 @@ class BOFT(OFT):
                            f"to be a multiple of {2 ** (m - 1) * b}")
 
     def rotation(self, device, dtype=torch.float32) -> torch.Tensor:
-        constraint = self.alpha * self.out_dim if self.alpha and self.alpha > 0 else 0.0
-        return cayley(self.blocks.to(device=device, dtype=dtype), constraint)
+        return cayley(self.blocks.to(device=device, dtype=_solve_dtype(dtype)), self.constraint).to(dtype)
 
     def transform(self, t: torch.Tensor, axis: int, strength: float = 1.0) -> torch.Tensor:
         r = self.rotation(t.device, t.dtype)
@@ -61,14 +68,16 @@ class BOFT(OFT):
         return self.transform(w, 0) - w
 
     def apply_(self, weight, strength):
-        if dora.has_magnitude(self):
-            return dora.finish_(self, weight, self.delta(weight), strength)
+        if self.has_magnitude:
+            return super().apply_(weight, strength)
         self.check_target(weight.shape, self.prefix)
         return weight.copy_(self.transform(weight, 0, strength))
 
+    def delta_forward(self, x, weight, op, scale, base=None):
+        return None          # not additive in the strength: ``bypass`` below
+
     def bypass(self, x, weight, strength, op, base=None):
-        """Δy = butterfly_s(W·x) − W·x on the output channels (not for DoRA or grouped convs, see OFT)."""
-        if dora.has_magnitude(self) or op.groups != 1:
+        if self.has_magnitude or op.groups != 1:
             return None
-        base = op(x, weight.to(x.dtype)) if base is None else base
+        base = op(x, weight.to(device=x.device, dtype=x.dtype)) if base is None else base
         return self.transform(base, op.channel_axis, strength) - base

@@ -9,6 +9,9 @@ Old layout (first LyCORIS GLoRA, as ComfyUI reads it; rank = a1.shape[0]):
     a1 (r, n)  a2 (n, r)  b1 (r, n)  b2 (out, r),  n = in·k:   ΔW = γ · (W_flat·a2·a1 + b2·b1)
 The layout is read off the shapes; when both fit (a square layer), the one with the smaller rank
 wins, the current one on a tie. ComfyUI core drops ``bm``.
+
+Bypass: Δy = s·γ·(W·(a1·a2·x) + b1·(bm)·b2·x), each factor run as the layer's op (one extra W·x).
+The old layout, grouped convs and GLoRA with DoRA build ΔW (see lora/bypass.py).
 """
 from __future__ import annotations
 
@@ -16,19 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
-from . import dora
-from .base import Adapter, ensure_same_numel
-from .loha import lycoris_scale, pick, tucker
-from .lora import _alpha
+from .base import Adapter, alpha_tensor, alpha_value, ensure_same_numel, lycoris_scale, pick, tucker
 
 
 @dataclass(eq=False, repr=False)
 class GLoRA(Adapter):
     name = "glora"
+    label = "GLoRA"
     roles = {".a1.weight": "glora_a1", ".a2.weight": "glora_a2", ".b1.weight": "glora_b1",
              ".b2.weight": "glora_b2", ".bm.weight": "glora_bm"}
     identify = frozenset({"glora_a1", "glora_a2", "glora_b1", "glora_b2"})
-    supports_dora = True
 
     a1: torch.Tensor = None
     a2: torch.Tensor = None
@@ -43,7 +43,7 @@ class GLoRA(Adapter):
     def from_factors(cls, factors, *, prefix, file, options):
         a1, a2, b1, b2 = pick(factors, ("glora_a1", "glora_a2", "glora_b1", "glora_b2"),
                               algo="GLoRA", prefix=prefix, file=file)
-        self = cls(a1=a1, a2=a2, b1=b1, b2=b2, bm=factors.get("glora_bm"), alpha=_alpha(factors.get("alpha")),
+        self = cls(a1=a1, a2=a2, b1=b1, b2=b2, bm=factors.get("glora_bm"), alpha=alpha_value(factors.get("alpha")),
                    dora_scale=factors.get("dora_scale"), file=file, prefix=prefix)
         self.old_layout = self._read_layout()
         return self
@@ -63,9 +63,8 @@ class GLoRA(Adapter):
         return old and (not new or a1[0] < a2[0])
 
     def factors(self):
-        alpha = None if self.alpha is None else torch.tensor(self.alpha, dtype=torch.float32)
         return {"glora_a1": self.a1, "glora_a2": self.a2, "glora_b1": self.b1, "glora_b2": self.b2,
-                "glora_bm": self.bm, "alpha": alpha, "dora_scale": self.dora_scale}
+                "glora_bm": self.bm, "alpha": alpha_tensor(self.alpha), "dora_scale": self.dora_scale}
 
     @property
     def rank(self) -> int:
@@ -93,9 +92,6 @@ class GLoRA(Adapter):
         ensure_same_numel(self, d.numel(), weight.shape, self.prefix)
         return d.mul_(self.scale)
 
-    def apply_(self, weight, strength):
-        return dora.finish_(self, weight, self.delta(weight), strength)
-
     def check_target(self, shape, key):
         a1, a2, b1, b2 = (t.flatten(1).shape for t in (self.a1, self.a2, self.b1, self.b2))
         if self.old_layout:
@@ -106,21 +102,17 @@ class GLoRA(Adapter):
         if not fits:
             raise self.err(f"GLoRA factors a1 {tuple(self.a1.shape)}, a2 {tuple(self.a2.shape)}, b1 {tuple(self.b1.shape)}, "
                            f"b2 {tuple(self.b2.shape)} do not fit target {key!r} of shape {tuple(shape)}")
-        dora.check_magnitude(self, shape, key)
+        super().check_target(shape, key)
 
-    def bypass(self, x, weight, strength, op, base=None):
-        """Δy = s·γ·(W·(a1·a2·x) + b1·(bm)·b2·x), each factor as the layer's op; ΔW never built."""
-        if self.old_layout or op.groups != 1 or dora.has_magnitude(self):
+    def delta_forward(self, x, weight, op, scale, base=None):
+        """scale·γ·(W·(a1·a2·x) + b1·(bm)·b2·x), each factor as the layer's op; ΔW never built."""
+        if self.old_layout or op.groups != 1:
             return None
         a1, a2, b1, b2 = self._mats(x.device, x.dtype)
-        if not op.conv_dims:
-            a, b = op(op(x, a2), a1), op(op(x, b2), b1)
+        a = op.pointwise(op.pointwise(x, a2), a1)
+        if self.bm is None:
+            h = op(x, b2.reshape(b2.shape[0], *weight.shape[1:]))
         else:
-            pw = [1] * op.conv_dims
-            a = op.pointwise(op.pointwise(x, a2.reshape(*a2.shape, *pw)), a1.reshape(*a1.shape, *pw))
-            if self.bm is None:
-                h = op(x, b2.reshape(b2.shape[0], *weight.shape[1:]))
-            else:
-                h = op(op.pointwise(x, b2.reshape(*b2.shape, *pw)), self.bm.to(device=x.device, dtype=x.dtype))
-            b = op.pointwise(h, b1.reshape(*b1.shape, *pw))
-        return (op(a, weight.to(x.dtype)) + b).mul_(strength * self.scale)
+            h = op(op.pointwise(x, b2), self.bm.to(device=x.device, dtype=x.dtype))
+        b = op.pointwise(h, b1)
+        return (op(a, weight.to(device=x.device, dtype=x.dtype)) + b).mul_(scale * self.scale)

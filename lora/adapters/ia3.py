@@ -17,18 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Adapter
-from .loha import pick
-from ..bypass import on_channels
+from ..ops import on_channels
+from .base import Adapter, pick
 
 
 @dataclass(eq=False, repr=False)
 class IA3(Adapter):
     name = "ia3"
+    label = "IA3"
     roles = {".weight": "ia3_weight", ".on_input": "ia3_on_input"}
     identify = frozenset({"ia3_on_input"})
     generic_roles = frozenset({"ia3_weight"})
-    bypass_uses_base = True
 
     vector: torch.Tensor = None          # w
     on_input: bool = False
@@ -58,9 +57,13 @@ class IA3(Adapter):
             raise self.err(f"IA3 weight of shape {tuple(self.vector.shape)} ({self.vector.numel()} values) does not "
                            f"fit the {'input' if self.on_input else 'output'} axis of target {key!r} of shape {tuple(shape)}")
 
-    def bypass(self, x, weight, strength, op, base=None):
+    def uses_base(self):
+        return not self.on_input
+
+    def delta_forward(self, x, weight, op, scale, base=None):
         w = self.vector.to(device=x.device, dtype=x.dtype).flatten()
         if self.on_input:
-            return op(x * on_channels(w.repeat(op.groups), x.dim(), op.channel_axis), weight.to(x.dtype)).mul_(strength)
-        base = op(x, weight.to(x.dtype)) if base is None else base
-        return base * on_channels(w * strength, base.dim(), op.channel_axis)
+            xs = x * on_channels(w.repeat(op.groups), x.dim(), op.channel_axis)
+            return op(xs, weight.to(device=x.device, dtype=x.dtype)).mul_(scale)
+        base = op(x, weight.to(device=x.device, dtype=x.dtype)) if base is None else base
+        return base * on_channels(w * scale, base.dim(), op.channel_axis)

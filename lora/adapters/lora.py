@@ -11,6 +11,9 @@ DyLoRA files are plain LoRA files; ``options["dyn_rank"] = r`` keeps the first r
 ``dyn=`` does: ΔW = (alpha / R) · up[:, :r] · down[:r], R the stored rank (kept by rewriting alpha
 to alpha·r/R, so the truncated adapter saves and reloads to the same ΔW).
 PEFT DoRA magnitudes (``lora_magnitude_vector``) keep PEFT's strength rule (see dora.py).
+
+Bypass: Δy = s·γ·up(mid(down(x))), each factor run as the layer runs W (``base.low_rank_forward``).
+Training init (kohya ``networks/lora.py``, LyCORIS LoCon): down kaiming-uniform(a=√5), up zeros.
 """
 from __future__ import annotations
 
@@ -18,9 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Adapter, ensure_same_numel
-from . import dora
 from ..errors import LoraError
+from .base import Adapter, alpha_tensor, alpha_value, ensure_same_numel, kaiming, low_rank_forward
 
 _SUFFIXES = {
     # kohya, LyCORIS LoCon, ComfyUI's own trained files
@@ -43,9 +45,10 @@ _SUFFIXES = {
 @dataclass(eq=False, repr=False)
 class LoRA(Adapter):
     name = "lora"
+    label = "LoRA"
     roles = _SUFFIXES
     identify = frozenset({"up", "down"})
-    supports_dora = True
+    trainable = True
 
     up: torch.Tensor = None
     down: torch.Tensor = None
@@ -63,7 +66,7 @@ class LoRA(Adapter):
         if factors.get("dora_scale") is not None and factors.get("peft_magnitude") is not None:
             raise LoraError("module carries both a LyCORIS dora_scale and a PEFT lora_magnitude_vector",
                             file=file, key=prefix)
-        self = cls(up=up, down=down, mid=factors.get("mid"), alpha=_alpha(factors.get("alpha")),
+        self = cls(up=up, down=down, mid=factors.get("mid"), alpha=alpha_value(factors.get("alpha")),
                    dora_scale=factors.get("dora_scale"), peft_magnitude=factors.get("peft_magnitude"),
                    file=file, prefix=prefix)
         rank_up = up.shape[1] if up.dim() > 1 else -1
@@ -77,6 +80,13 @@ class LoRA(Adapter):
             self._truncate(int(options["dyn_rank"]))
         return self
 
+    @classmethod
+    def init(cls, op, rank, alpha, generator):
+        ones = [1] * len(op.kernel)
+        down = kaiming((rank, op.in_channels, *op.kernel), generator)
+        up = torch.zeros(op.out_channels, rank, *ones)          # ΔW = 0: training starts at the base model
+        return cls(up=up, down=down, alpha=float(alpha))
+
     def _truncate(self, r: int) -> None:
         """DyLoRA: keep ranks [0, r) with A1111's scale alpha/R (R = stored rank)."""
         stored = self.rank
@@ -89,9 +99,8 @@ class LoRA(Adapter):
             self.alpha = None if self.alpha is None else self.alpha * r / stored
 
     def factors(self):
-        alpha = None if self.alpha is None else torch.tensor(self.alpha, dtype=torch.float32)
-        return {"up": self.up, "down": self.down, "mid": self.mid, "alpha": alpha, "dora_scale": self.dora_scale,
-                "peft_magnitude": self.peft_magnitude}
+        return {"up": self.up, "down": self.down, "mid": self.mid, "alpha": alpha_tensor(self.alpha),
+                "dora_scale": self.dora_scale, "peft_magnitude": self.peft_magnitude}
 
     @property
     def rank(self) -> int:
@@ -110,19 +119,13 @@ class LoRA(Adapter):
 
     def delta(self, weight):
         dt = torch.float32 if weight.dtype not in (torch.float32, torch.float64) else weight.dtype
-        up, down = self._mats(weight.device, dt)
-        if self.mid is not None:
-            mid = self.mid.to(device=weight.device, dtype=dt)
-            d = torch.einsum("mn...,im,nj->ij...", mid, up, down)   # any kernel rank (Conv1d/2d/3d)
-        else:
-            d = up @ down
+        up, down = self.low_rank(weight.device, dt, scaled=False)
+        d = up @ down
         ensure_same_numel(self, d.numel(), weight.shape, self.prefix)
         return d.reshape(weight.shape).mul_(self.scale)
 
     def apply_(self, weight, strength):
-        if dora.has_magnitude(self):
-            return dora.finish_(self, weight, self.delta(weight), strength)
-        if self.mid is not None:
+        if self.has_magnitude or self.mid is not None:
             return super().apply_(weight, strength)
         # Fast path: accumulate up·down straight into the working copy (no ΔW-sized temporary).
         up, down = self._mats(weight.device, weight.dtype)
@@ -139,28 +142,22 @@ class LoRA(Adapter):
         if n != shape.numel() or out != shape[0]:
             raise self.err(f"up {tuple(self.up.shape)} · down {tuple(self.down.shape)} does not fit target "
                            f"{key!r} of shape {tuple(shape)}")
-        dora.check_magnitude(self, shape, key)
+        super().check_target(shape, key)
 
-    def bypass(self, x, weight, strength, op, base=None):
-        """Δy = s·(alpha/r)·up(mid(down(x))): the layer's own op on the factors, ΔW never built.
+    def low_rank(self, device, dtype=torch.float32, scaled=True):
+        """U = γ·up (out, r); V = down (r, in·k), or with a Tucker mid V[m, (j, k)] = Σ_n mid[m,n,k]·down[n,j]."""
+        up, down = self._mats(device, dtype)
+        if self.mid is not None:   # any kernel rank (Conv1d/2d/3d)
+            down = torch.einsum("mn...,nj->mj...", self.mid.to(device=device, dtype=dtype), down).flatten(1)
+        return (up * self.scale if scaled else up), down
 
-        None (use ΔW) for DoRA, whose rescale needs the patched weight's norms, and grouped convs.
-        """
-        if dora.has_magnitude(self) or op.groups != 1:
-            return None
-        up = self.up.to(device=x.device, dtype=x.dtype).flatten(1)
-        if not op.conv_dims:
-            down = self.down.to(device=x.device, dtype=x.dtype).flatten(1)
-            return op(op(x, down), up).mul_(strength * self.scale)
-        pointwise = [1] * op.conv_dims
-        up = up.reshape(*up.shape, *pointwise)
+    def delta_forward(self, x, weight, op, scale, base=None):
+        """scale·γ·up(mid(down(x))): the layer's own op on the factors, ΔW never built."""
         if self.mid is None:
-            h = op(x, self.down.to(device=x.device, dtype=x.dtype).reshape(self.rank, *weight.shape[1:]))
-        else:
-            down = self.down.to(device=x.device, dtype=x.dtype).reshape(self.rank, -1, *pointwise)
-            h = op(op.pointwise(x, down), self.mid.to(device=x.device, dtype=x.dtype))
-        return op.pointwise(h, up).mul_(strength * self.scale)
-
-
-def _alpha(t: torch.Tensor | None) -> float | None:
-    return None if t is None else float(t.float().reshape(-1)[0])
+            up, down = self._mats(x.device, x.dtype)
+            return low_rank_forward(x, up, down, op, scale * self.scale)
+        if op.groups != 1:
+            return None
+        cast = dict(device=x.device, dtype=x.dtype)
+        h = op(op.pointwise(x, self.down.to(**cast)), self.mid.to(**cast))
+        return op.pointwise(h * (scale * self.scale), self.up.to(**cast))

@@ -7,12 +7,19 @@ LyCORIS ``oft_diag`` (num, b, b, the rotation itself, as A1111 reads it); option
     Q_k = B_k − B_kᵀ;  c = alpha·out;  when ‖Q‖ + 1e-8 > c > 0:  Q ← Q·c / (‖Q‖ + 1e-8)
     R_k = (I + Q_k)(I − Q_k)⁻¹                              (Cayley; R_k = oft_diag_k when stored)
     W'[k·b + m] = ρ ⊙ Σ_n R_k[n, m] · W[k·b + n]            (W' = ρ ⊙ blockdiag(R)ᵀ·W)
-    ΔW = W' − W,  merged = W + s·ΔW
+    ΔW = W' − W = ρ ⊙ blockdiag(R − I)ᵀ·W + (ρ − 1) ⊙ W,  merged = W + s·ΔW
 
-Without ``rescale`` this equals LyCORIS and kohya at every strength (both interpolate R toward I,
-which is linear in s); with it, it equals them at s = 1 (LyCORIS keeps ρ un-blended at other s).
-ComfyUI core uses c = alpha (not alpha·out), applies s twice (s²·(R − I)ᵀW), ignores ``rescale``
-and drops ``oft_diag``.
+R − I = 2Q(I − Q)⁻¹ is computed as such, not as R minus I, so a rotation near I (a freshly
+trained adapter, bf16 training) keeps its precision. Without ``rescale`` this equals LyCORIS and
+kohya at every strength (both interpolate R toward I, which is linear in s); with it, it equals
+them at s = 1 (LyCORIS keeps ρ un-blended at other s). ComfyUI core uses c = alpha (not alpha·out),
+applies s twice (s²·(R − I)ᵀW), ignores ``rescale`` and drops ``oft_diag``.
+
+Bypass: Δy = s·(ρ ⊙ blockdiag(R − I)ᵀ·(W·x) + (ρ − 1) ⊙ W·x) on the output channels, from the
+layer's own output (not for grouped convs: there mixing rows of W across groups is not a mix of
+the layer's outputs; nor with DoRA).
+Training init (kohya, LyCORIS): oft_blocks = 0 (R = I); ``rank`` is the block size (the largest
+divisor of out up to rank), alpha 0 (no constraint).
 """
 from __future__ import annotations
 
@@ -20,22 +27,37 @@ from dataclasses import dataclass
 
 import torch
 
-from . import dora
-from .base import Adapter
-from .lora import _alpha
-from ..bypass import on_channels
 from ..errors import LoraError
+from ..ops import on_channels
+from .base import Adapter, alpha_tensor, alpha_value
 
 
-def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
-    """R = (I + Q)(I − Q)⁻¹ per block, Q = B − Bᵀ with ‖Q‖ (over all blocks) clipped to ``constraint``."""
+def skew(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """Q = B − Bᵀ per block, with ‖Q‖ (over all blocks) clipped to ``constraint`` when that is > 0."""
     q = blocks - blocks.transpose(-1, -2)
     if constraint > 0:
         norm = torch.linalg.vector_norm(q) + 1e-8
-        if norm > constraint:
-            q = q * (constraint / norm)
+        q = q * torch.where(norm > constraint, constraint / norm, torch.ones_like(norm))   # no host sync
+    return q
+
+
+def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """R = (I + Q)(I − Q)⁻¹ per block (``skew`` for Q)."""
+    q = skew(blocks, constraint)
     eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
     return torch.linalg.solve(eye - q, eye + q, left=False)
+
+
+def cayley_offset(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """R − I = 2Q(I − Q)⁻¹ per block, without the cancellation of R − I."""
+    q = skew(blocks, constraint)
+    eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
+    return torch.linalg.solve(eye - q, 2 * q, left=False)
+
+
+def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision solves are unsupported or imprecise: solve in float32 (float64 stays)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def rotate(t: torch.Tensor, axis: int, r: torch.Tensor) -> torch.Tensor:
@@ -48,10 +70,10 @@ def rotate(t: torch.Tensor, axis: int, r: torch.Tensor) -> torch.Tensor:
 @dataclass(eq=False, repr=False)
 class OFT(Adapter):
     name = "oft"
+    label = "OFT"
     roles = {".oft_blocks": "oft_blocks", ".oft_diag": "oft_diag", ".rescale": "oft_rescale"}
     identify = frozenset({"oft_blocks", "oft_diag"})
-    supports_dora = True
-    bypass_uses_base = True
+    trainable = True
 
     blocks: torch.Tensor | None = None
     diag: torch.Tensor | None = None
@@ -60,15 +82,36 @@ class OFT(Adapter):
     dora_scale: torch.Tensor | None = None
 
     @classmethod
+    def accepts(cls, factors):
+        """Diagonal OFT: 3-dim oft_blocks or a stored oft_diag (4-dim oft_blocks alone are BOFT's)."""
+        blocks = factors.get("oft_blocks")
+        return "oft_diag" in factors or (blocks is not None and blocks.dim() != 4)
+
+    @classmethod
     def from_factors(cls, factors, *, prefix, file, options):
-        blocks, diag = factors.get("oft_blocks"), factors.get("oft_diag")
-        if blocks is not None and blocks.dim() == 4 and diag is None:
-            from .boft import BOFT
-            cls = BOFT
-        self = cls(blocks=blocks, diag=diag, rescale=factors.get("oft_rescale"), alpha=_alpha(factors.get("alpha")),
-                   dora_scale=factors.get("dora_scale"), file=file, prefix=prefix)
+        self = cls(blocks=factors.get("oft_blocks"), diag=factors.get("oft_diag"), rescale=factors.get("oft_rescale"),
+                   alpha=alpha_value(factors.get("alpha")), dora_scale=factors.get("dora_scale"),
+                   file=file, prefix=prefix)
         self._check_blocks(factors)
         return self
+
+    @classmethod
+    def init(cls, op, rank, alpha, generator):
+        out = op.out_channels
+        size = max(d for d in range(1, min(rank, out) + 1) if out % d == 0)
+        return cls(blocks=torch.zeros(out // size, size, size), alpha=0.0)    # R = I
+
+    @classmethod
+    def max_rank(cls, op):
+        return op.out_channels
+
+    def default_alpha(self):
+        return 0.0          # no constraint
+
+    def resume_problem(self):
+        if self.diag is not None:
+            return "a legacy oft_diag stores the rotation itself, which cannot be trained further"
+        return super().resume_problem()
 
     def _check_blocks(self, factors) -> None:
         if (self.blocks is None) == (self.diag is None):
@@ -86,16 +129,32 @@ class OFT(Adapter):
     def out_dim(self) -> int:
         return self.stored.shape[-3] * self.stored.shape[-1]
 
+    @property
+    def rank(self) -> int:
+        """The block size."""
+        return self.stored.shape[-1]
+
+    @property
+    def constraint(self) -> float:
+        return self.alpha * self.out_dim if self.alpha and self.alpha > 0 else 0.0
+
     def factors(self):
-        alpha = None if self.alpha is None else torch.tensor(self.alpha, dtype=torch.float32)
         return {"oft_blocks": self.blocks, "oft_diag": self.diag, "oft_rescale": self.rescale,
-                "alpha": alpha, "dora_scale": self.dora_scale}
+                "alpha": alpha_tensor(self.alpha), "dora_scale": self.dora_scale}
 
     def rotation(self, device, dtype=torch.float32) -> torch.Tensor:
+        """R per block, solved in float32 (float64 when asked), returned in ``dtype``."""
         if self.diag is not None:
             return self.diag.to(device=device, dtype=dtype)
-        constraint = self.alpha * self.out_dim if self.alpha and self.alpha > 0 else 0.0
-        return cayley(self.blocks.to(device=device, dtype=dtype), constraint)
+        return cayley(self.blocks.to(device=device, dtype=_solve_dtype(dtype)), self.constraint).to(dtype)
+
+    def offset(self, device, dtype=torch.float32) -> torch.Tensor:
+        """R − I per block, solved in float32 (float64 when asked), returned in ``dtype``."""
+        work = _solve_dtype(dtype)
+        if self.diag is not None:
+            d = self.diag.to(device=device, dtype=work)
+            return (d - torch.eye(d.shape[-1], device=device, dtype=work)).to(dtype)
+        return cayley_offset(self.blocks.to(device=device, dtype=work), self.constraint).to(dtype)
 
     def _rescaled(self, t: torch.Tensor, axis: int, strength: float = 1.0) -> torch.Tensor:
         """t ⊙ ρ_s along ``axis``, ρ_s = 1 + s·(ρ − 1)."""
@@ -104,27 +163,26 @@ class OFT(Adapter):
         rho = self.rescale.to(device=t.device, dtype=t.dtype).flatten()
         return t * on_channels(strength * (rho - 1) + 1, t.dim(), axis)
 
-    def transform(self, t: torch.Tensor, axis: int) -> torch.Tensor:
-        """The merged layer's map on the channels at ``axis`` at strength 1: ρ ⊙ blockdiag(R)ᵀ·t."""
-        return self._rescaled(rotate(t, axis, self.rotation(t.device, t.dtype)), axis)
+    def change(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        """What the merged layer adds to t along ``axis`` at strength 1: ρ ⊙ blockdiag(R − I)ᵀ·t + (ρ − 1) ⊙ t."""
+        d = rotate(t, axis, self.offset(t.device, t.dtype))
+        if self.rescale is None:
+            return d
+        rho = on_channels(self.rescale.to(device=t.device, dtype=t.dtype).flatten(), t.dim(), axis)
+        return d * rho + t * (rho - 1)
 
     def delta(self, weight):
         self.check_target(weight.shape, self.prefix)
-        w = weight.float()
-        return self.transform(w, 0) - w
+        return self.change(weight.float(), 0)
 
-    def apply_(self, weight, strength):
-        return dora.finish_(self, weight, self.delta(weight), strength)
+    def uses_base(self):
+        return True
 
-    def bypass(self, x, weight, strength, op, base=None):
-        """Δy = s·(ρ ⊙ blockdiag(R)ᵀ·(W·x) − W·x) on the output channels, from the layer's own output.
-
-        None (use ΔW) for DoRA, and for grouped convs: mixing rows of W across groups is not a mix
-        of the layer's outputs."""
-        if dora.has_magnitude(self) or op.groups != 1:
+    def delta_forward(self, x, weight, op, scale, base=None):
+        if op.groups != 1:
             return None
-        base = op(x, weight.to(x.dtype)) if base is None else base
-        return (self.transform(base, op.channel_axis) - base).mul_(strength)
+        base = op(x, weight.to(device=x.device, dtype=x.dtype)) if base is None else base
+        return self.change(base, op.channel_axis) * scale
 
     def check_target(self, shape, key):
         t = self.stored
@@ -134,4 +192,4 @@ class OFT(Adapter):
         if self.rescale is not None and self.rescale.numel() != shape[0]:
             raise self.err(f"OFT rescale of shape {tuple(self.rescale.shape)} does not fit target {key!r} "
                            f"of shape {tuple(shape)}")
-        dora.check_magnitude(self, shape, key)
+        super().check_target(shape, key)

@@ -141,11 +141,17 @@ def test_formats_core_gets_wrong_follow_the_producer(pack, tiny_sd15, comfy, nam
     assert worst > 1e-4, f"core now agrees for {name} ({CORE_DIFFERS[name]}): move it to CORE_AGREES"
 
 
-@pytest.mark.parametrize("name", ["oft", "loha", "ia3_out", "lokr_t1", "lora_dora_out"])
-def test_bypass_equals_merged_in_comfy(pack, tiny_sd15, comfy, name):
-    """One forward of the whole UNet: bypass hooks ≈ merged weights, for non-LoRA algorithms too."""
+@pytest.mark.parametrize("name", ["oft", "loha", "loha_tucker", "ia3_out", "lokr_t1", "lokr_w2_lowrank",
+                                  "lora_dora_out", "lora_dora_in", "lora_peft_dora"])
+def test_bypass_equals_merged_in_comfy(pack, tiny_sd15, comfy, name, monkeypatch):
+    """One forward of the whole UNet: bypass hooks ≈ merged weights, for non-LoRA algorithms too,
+    each through its own forward route (the ΔW-building fallback is never taken for these)."""
     import comfy.model_management as mm
+    from loralab.lora import bypass as bypass_mode
 
+    built = []
+    fallback = bypass_mode.weight_delta
+    monkeypatch.setattr(bypass_mode, "weight_delta", lambda *a: built.append(a[0].prefix) or fallback(*a))
     file, sd, keys = case_file(comfy, tiny_sd15, name)
     N = pack.NODE_CLASS_MAPPINGS["LoraLabLoraLoaderModelOnly"]
     merged = N().load(tiny_sd15.model, file, STRENGTH)["result"][0]
@@ -160,6 +166,7 @@ def test_bypass_equals_merged_in_comfy(pack, tiny_sd15, comfy, name):
     y0, ym, yb = outs
     assert not torch.allclose(ym, y0)
     assert rel_err(yb, ym) <= TOL["bypass_fp32"]
+    assert not built, f"bypass built ΔW for {built}"
 
 
 def test_dyn_rank_input_selects_dylora_rank(pack, tiny_sd15, comfy):

@@ -51,7 +51,7 @@ def train(pack, sd15, cond, latents=None, positive=None, **kw):
     """Run the node as ComfyUI does: every input a list (INPUT_IS_LIST), under inference_mode."""
     args = dict(model=sd15.model, latents=latents or [latent(2)], positive=positive or [cond], batch_size=2,
                 grad_accumulation_steps=1, steps=2, learning_rate=1e-3, rank=4, optimizer="AdamW",
-                loss_function="MSE", seed=0, training_dtype="fp32", lora_dtype="fp32", algorithm="lora",
+                loss_function="MSE", seed=0, training_dtype="fp32", lora_dtype="fp32", algorithm="LoRA",
                 gradient_checkpointing=False, existing_lora="[None]")
     args.update(kw)
     listed = {k: v if k in ("latents", "positive") else [v] for k, v in args.items()}
@@ -83,12 +83,23 @@ def test_inputs_are_named_ranged_and_defaulted_as_documented(pack):
         assert (t, opts["default"], opts["min"], opts["max"]) == (kind, default, lo, hi), name
     for name, (options, default) in COMBOS.items():
         assert req[name][0] == options and req[name][1]["default"] == default, name
-    assert {"lora", "loha", "lokr", "oft"} <= set(req["algorithm"][0])
+    assert req["algorithm"][0] == ["LoRA", "LoHa", "LoKr", "OFT"]      # core TrainLoraNode's names
+    assert req["algorithm"][1]["default"] == "LoRA"
     assert req["gradient_checkpointing"][1]["default"] is True
     assert req["existing_lora"][0][0] == "[None]" and req["existing_lora"][1]["default"] == "[None]"
     assert cls.RETURN_TYPES == ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT")
     assert cls.RETURN_NAMES == ("model_with_lora", "lora", "loss", "steps")
     assert pack.NODE_DISPLAY_NAME_MAPPINGS["LoraLabTrainLoraNode"] == "Train LoRA (LoRA Lab)"
+
+
+def test_algorithm_takes_core_names_and_the_lowercase_ones_of_saved_workflows(pack):
+    """ComfyUI skips its combo check for an input VALIDATE_INPUTS names: ours must refuse the rest."""
+    cls = pack.NODE_CLASS_MAPPINGS["LoraLabTrainLoraNode"]
+    for value in ("LoRA", "LoHa", "LoKr", "OFT", "lora", "loha", "lokr", "oft"):
+        assert cls.VALIDATE_INPUTS(algorithm=[value]) is True, value
+    for bad in ("glora", "", 3):
+        msg = cls.VALIDATE_INPUTS(algorithm=[bad])
+        assert isinstance(msg, str) and "LoRA, LoHa, LoKr, OFT" in msg, (bad, msg)
 
 
 @pytest.mark.parametrize("node", ["LoraLabTrainLoraNode", "LoraLabSaveLoRA"])
@@ -167,7 +178,7 @@ def test_prediction_type_follows_the_models_sampling(pack, sd15):
     assert train_node.model_info(sd15.model)["architecture"] == "sd15"
 
 
-@pytest.mark.parametrize("algorithm", ["loha", "lokr", "oft"])
+@pytest.mark.parametrize("algorithm", ["LoHa", "LoKr", "OFT"])
 def test_every_algorithm_trains_and_core_loads_it_completely(pack, sd15, cond, algorithm, caplog):
     import comfy.sd
 
@@ -217,7 +228,7 @@ def test_rank_larger_than_a_layer_allows_is_refused(pack, sd15, cond):
     from loralab.lora.errors import LoraError
 
     targets = adapters.find_targets(sd15.model.model.diffusion_model, train_node.layer_names(sd15.model))
-    smallest = min(adapters.LayerSpec.of(m).max_rank() for m in targets.values())
+    smallest = min(adapters.trainable("lora").max_rank(adapters.layer_op(m)) for m in targets.values())
     with pytest.raises(LoraError, match=f"rank {smallest + 1} is larger"):
         adapters.check_rank(targets, smallest + 1, "lora")
 

@@ -12,25 +12,26 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
+# The producing libraries are test requirements (requirements-test.txt): without them this module
+# fails to import, which fails the run, rather than skipping every reference check.
+from lycoris.functional import boft as ly_boft
+from lycoris.functional import diag_oft as ly_oft
+from lycoris.functional import loha as ly_loha
+from lycoris.functional import lokr as ly_lokr
+from lycoris.functional.general import rebuild_tucker
+from lycoris.modules.boft import ButterflyOFTModule
+from lycoris.modules.diag_oft import DiagOFTModule
+from lycoris.modules.glora import GLoRAModule, _glora_weight
+from lycoris.modules.ia3 import IA3Module, _ia3_weight
+from lycoris.modules.locon import LoConModule
+from lycoris.modules.loha import LohaModule
+from lycoris.modules.lokr import LokrModule
 
 from loralab.lora import apply, parse
 from tolerances import TOL, rel_err
-
-lycoris = pytest.importorskip("lycoris")
-from lycoris.functional import boft as ly_boft  # noqa: E402
-from lycoris.functional import diag_oft as ly_oft  # noqa: E402
-from lycoris.functional import loha as ly_loha  # noqa: E402
-from lycoris.functional import lokr as ly_lokr  # noqa: E402
-from lycoris.functional.general import rebuild_tucker  # noqa: E402
-from lycoris.modules.boft import ButterflyOFTModule  # noqa: E402
-from lycoris.modules.diag_oft import DiagOFTModule  # noqa: E402
-from lycoris.modules.glora import GLoRAModule, _glora_weight  # noqa: E402
-from lycoris.modules.ia3 import IA3Module, _ia3_weight  # noqa: E402
-from lycoris.modules.locon import LoConModule  # noqa: E402
-from lycoris.modules.loha import LohaModule  # noqa: E402
-from lycoris.modules.lokr import LokrModule  # noqa: E402
 
 TOL_REF = TOL["reference_fp32"]
 STRENGTHS = [1.0, 0.5, -1.0]
@@ -125,7 +126,6 @@ def test_peft_dora_matches_peft(kind, strength):
     # Pins PEFT's rule: strength scales ΔW inside the norm, W'' = m·(W+sΔW)/‖W+sΔW‖. Regression:
     # PEFT's conv magnitude (1, out, 1, 1) has the layout of a LyCORIS input-axis dora_scale, so on a
     # square conv (conv16) reading it as dora_scale normalised the wrong axis; it has its own role.
-    peft = pytest.importorskip("peft")
     layer = make_layer(kind)
     model = torch.nn.Sequential(copy.deepcopy(layer))
     cfg = peft.LoraConfig(r=3, lora_alpha=3, target_modules=["0"], use_dora=True)

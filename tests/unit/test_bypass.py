@@ -1,7 +1,7 @@
 """lora.bypass on plain torch modules: strengths change at the next forward with no re-patch, the
 weights are never written, removal is exact, stacks add up, bias adapters work, layers whose
-weight cannot be patched (an fp8 weight dequantised in forward) work, and bad input attaches
-nothing. (Bypass ≈ merged for every format, dtype and layer geometry: test_adapters_matrix.py.)"""
+weight cannot be patched (an fp8 weight dequantised in forward) work, DoRA's norms are computed
+once per weight, and bad input attaches nothing. (Bypass ≈ merged for every format, dtype and layer geometry: test_adapters_matrix.py.)"""
 from __future__ import annotations
 
 import pytest
@@ -134,7 +134,10 @@ class Fp8Linear(torch.nn.Linear):
     {"lokr_w1": r(2, 3), "lokr_w2_a": r(4, 2), "lokr_w2_b": r(2, 4), "alpha": torch.tensor(1.0)},
     {"oft_blocks": r(4, 2, 2)},
     {"weight": r(8), "on_input": torch.tensor(0)},
-], ids=["lora", "lokr", "oft", "ia3"])
+    {"hada_w1_a": r(8, 2), "hada_w1_b": r(2, 12), "hada_w2_a": r(8, 2, seed=1), "hada_w2_b": r(2, 12, seed=1)},
+    {"lora_up.weight": r(8, 2), "lora_down.weight": r(2, 12), "dora_scale": 1 + r(8, 1).abs()},
+    {"lora_up.weight": r(8, 2), "lora_down.weight": r(2, 12), "dora_scale": 1 + r(1, 12).abs()},
+], ids=["lora", "lokr", "oft", "ia3", "loha", "dora_out", "dora_in"])
 @torch.no_grad()
 def test_fp8_weight_layer(factors):
     net = Net()
@@ -144,6 +147,26 @@ def test_fp8_weight_layer(factors):
     dequant.lin.weight.copy_(net.lin.weight.float())     # what the fp8 layer computes with
     hooks = attach(net, [("lin.weight", a, 0.9)])
     assert rel_err(net(X), merged_output(dequant, [("lin.weight", a, 0.9)])) <= TOL
+    hooks.remove()
+
+
+@torch.no_grad()
+def test_dora_norms_are_computed_once_per_weight_not_per_forward_or_strength(monkeypatch):
+    sd = {"lin.lora_up.weight": r(8, 2), "lin.lora_down.weight": r(2, 12), "lin.dora_scale": 1 + r(8, 1).abs()}
+    (a,) = parse(sd, file="b.safetensors").modules["lin"]
+    calls = []
+    terms = type(a).dora_terms
+    monkeypatch.setattr(type(a), "dora_terms", lambda self, w, axis: calls.append(axis) or terms(self, w, axis))
+    net = Net()
+    hooks = attach(net, [("lin.weight", a, 1.0)])
+    for s in (1.0, 0.3, -1.0, 0.3):
+        hooks.set_strength(s)
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        assert rel_err(net(X), merged_output(_fresh(before), [("lin.weight", a, s)])) <= TOL
+    assert calls == [0], "the norms of W + s·ΔW come from terms computed once (W is frozen)"
+    net.lin.weight.mul_(1.1)          # a weight changed in place is noticed
+    assert rel_err(net(X), merged_output(_fresh(net.state_dict()), [("lin.weight", a, 0.3)])) <= TOL
+    assert calls == [0, 0]
     hooks.remove()
 
 

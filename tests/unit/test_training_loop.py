@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -123,6 +124,51 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, algo, optimizer, lora_dtyp
     assert second.steps == 6
     assert same(second.lora, straight.lora)
     assert second.losses == straight.losses[3:]
+
+
+@pytest.mark.parametrize("name,algo", [("legacy_loha_r2", "LoHa"), ("legacy_lokr_r1", "LoKr"),
+                                       ("legacy_lokr_r4", "LoKr"), ("legacy_oft_r4", "OFT")])
+def test_files_saved_before_the_unified_adapters_resume_with_their_optimizer_state(name, algo):
+    # Pins resume from files the previous trainer wrote (tests/unit/data/README.md): it named LoHa,
+    # LoKr and OFT parameters w1a / w1, w2a / blocks, and the optimizer state in those files is
+    # keyed by those names. They must keep their state, not restart the optimizer (or fail).
+    from loralab.lora.io import read as read_file
+    from loralab.training import adapters as ad, metadata
+
+    f = read_file(os.path.join(os.path.dirname(__file__), "data", name + ".safetensors"))
+    rig = Rig()
+    res = resume.load(f, rig.targets, algo, None)
+    assert res.steps == 2 and not any("fresh" in n for n in res.notes)
+    params = loop.param_table(ad.create_adapters(rig.targets, algo, 0, 0.0, 0, torch.float32, res.adapters))
+    opt = loop.make_optimizer(params, rig.config(algorithm=algo), res.optimizer_state)
+    stored = metadata.decode_optimizer_state(f.metadata["lora_lab.optimizer_state"])
+    assert len(stored) == 3 * len(params)                 # step, exp_avg, exp_avg_sq for every parameter
+    old_role = {new: old for old, new in ad.LEGACY_ROLES[ad.trainable(algo).name].items()}
+    for pname, p in params.items():
+        target, role = pname.split("/")
+        assert torch.equal(opt.state[p]["exp_avg"], stored[f"{target}/{old_role[role]}/exp_avg"]), pname
+    r = rig.train(steps=1, resume=res, algorithm=algo)
+    assert r.steps == 3 and math.isfinite(r.losses[0])
+
+
+def test_a_file_with_alpha_0_continues_at_scale_1(tmp_path):
+    # Pins a bug of the duplicated math: the loader reads alpha = 0 as scale 1 (kohya and LyCORIS:
+    # "alpha 0 means alpha = rank"), but a LoRA resumed from such a file trained at alpha/rank = 0,
+    # so it contributed nothing while training. The same factors with alpha 0 and with alpha = rank
+    # (scale 1 both) must train identically, and the LoRA must be live.
+    rig = Rig()
+    trained = dict(rig.train(steps=2).lora)
+    runs = []
+    for alpha in (0.0, 4.0):                                   # rank 4
+        sd = {k: torch.tensor(alpha) if k.endswith(".alpha") else v for k, v in trained.items()}
+        path, _ = save.save(sd, str(tmp_path), filename_prefix=f"alpha{alpha:g}")
+        res = resume.load(read(path), rig.targets, "lora", None)
+        runs.append((Rig().train(steps=2, resume=res), sd))
+    (zero, zero_sd), (rank, _) = runs
+    assert zero.losses == rank.losses
+    assert all(torch.equal(zero.lora[k], rank.lora[k]) for k in zero.lora if not k.endswith(".alpha"))
+    assert all(float(zero.lora[k]) == 0.0 for k in zero.lora if k.endswith(".alpha"))   # the file's alpha is kept
+    assert rig.eval_loss(zero_sd) != rig.eval_loss(), "a scale of 0 would leave the base model"
 
 
 def test_resume_without_optimizer_state_still_continues(tmp_path):

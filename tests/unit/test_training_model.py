@@ -112,18 +112,13 @@ class Rig:
 
     def eval_loss(self, lora=None, algorithm="lora", draws: int = 6) -> float:
         """Mean MSE over fixed (noise, σ) draws for every sample, with ``lora``'s factors applied."""
-        from loralab.training import adapters, loop
+        from loralab.lora import parse
+        from loralab.training import adapters
 
         hooks = None
         if lora is not None:
-            factors = {}
-            for k, t in lora.items():
-                for suffix, role in adapters.TRAINABLE[algorithm].suffixes.items():
-                    if k.endswith(suffix):
-                        factors.setdefault(k[: -len(suffix)], {})[role] = t
-                if k.endswith(".alpha"):
-                    factors.setdefault(k[: -len(".alpha")], {})["alpha"] = t
-            built = adapters.build(self.targets, algorithm, 0, 0, 0, torch.float32, factors)
+            parsed = {prefix: a for prefix, (a,) in parse(dict(lora)).modules.items()}
+            built = adapters.create_adapters(self.targets, algorithm, 0, 0, 0, torch.float32, parsed)
             hooks = adapters.Installed(self.targets, built)
         try:
             data, obj, total = self.dataset(), self.objective(), 0.0

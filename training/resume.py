@@ -27,6 +27,7 @@ class Resume:
     optimizer: str | None = None
     optimizer_state: dict[str, torch.Tensor] | None = None
     notes: list[str] = field(default_factory=list)
+    ema: dict[str, torch.Tensor] | None = None      # '<target>/<role>' -> the EMA, when the file's tensors are one
 
 
 def _split(key: str) -> tuple[str, str, str] | None:
@@ -41,8 +42,13 @@ def _split(key: str) -> tuple[str, str, str] | None:
 
 def load(file: LoraFile, targets: Mapping[str, nn.Module], algorithm: str, arch: str | None) -> Resume:
     """Match ``file`` against the layers being trained; refuse it when it is for another model
-    or another algorithm, naming what differs."""
+    or another algorithm, naming what differs. A file whose tensors are an EMA continues from the
+    live factors its header carries, and its tensors seed the EMA."""
     name = file.name
+    online = file.metadata.get("lora_lab.online_weights")
+    if online:
+        ema_file = file
+        file = LoraFile(file.path, meta.decode_tensors(online, "lora_lab.online_weights", file=name), file.metadata)
     file_arch = meta.read_architecture(file.metadata)
     if arch and file_arch and file_arch != "unknown" and file_arch != arch:
         raise TrainingError(f"existing_lora was trained for {file_arch!r}, this model is {arch!r}", file=name)
@@ -95,7 +101,25 @@ def load(file: LoraFile, targets: Mapping[str, nn.Module], algorithm: str, arch:
         r.notes.append(f"{name} records no step count; counting from 0")
     state = file.metadata.get("lora_lab.optimizer_state")
     if state:
-        r.optimizer_state = meta.decode_optimizer_state(state, file=name)
+        r.optimizer_state = meta.decode_tensors(state, "lora_lab.optimizer_state", file=name)
     else:
         r.notes.append(f"{name} carries no optimizer state; the optimizer starts fresh")
+    if online:
+        r.ema = _param_names(ema_file.tensors, factors.keys())
+    elif file.metadata.get("lora_lab.weights") == "ema":
+        r.notes.append(f"{name} holds EMA weights without the live ones (too large for the header): training "
+                       "continues from the EMA")
     return r
+
+
+def _param_names(tensors: Mapping[str, torch.Tensor], targets) -> dict[str, torch.Tensor]:
+    """File tensors as '<target>/<role>' (the names the loop's parameter table uses)."""
+    out = {}
+    for key, t in tensors.items():
+        hit = _split(key)
+        if hit is None or hit[2] == "alpha":
+            continue
+        prefix, _, role = hit
+        target = prefix if prefix in targets else canonical(prefix)
+        out[f"{target}/{role}"] = t
+    return out

@@ -463,7 +463,12 @@ def encode_folder(root: str, *, buckets: BucketSpec, captions: CaptionOptions,
 
     stats = {"images": len(samples), "latents_cached": 0, "latents_encoded": 0, "texts_cached": 0, "texts_encoded": 0}
     todo: list[tuple[Sample, Item]] = []
+    twins: dict[str, list[Sample]] = {}          # the same image twice (two folders): encoded once
     for s, it in zip(samples, items):
+        if s.latent_key in twins:
+            twins[s.latent_key].append(s)
+            continue
+        twins[s.latent_key] = []
         hit = cache.get("latents", s.latent_key)
         if hit is not None and "latent" in hit[0]:
             s.latent = hit[0]["latent"]
@@ -475,6 +480,10 @@ def encode_folder(root: str, *, buckets: BucketSpec, captions: CaptionOptions,
     for s, it in todo:
         s.size = open_size(it.path, it.rel)
         s.bucket, s.resized = bucketer.select(*s.size)
+    lead = {s.latent_key: s for s in samples if s.latent_key in twins and s.size != (0, 0)}
+    for key, others in twins.items():
+        for s in others:
+            s.size, s.bucket, s.resized = lead[key].size, lead[key].bucket, lead[key].resized
     if not buckets.enabled:
         _same_size(samples)
     done = stats["latents_cached"]
@@ -497,6 +506,9 @@ def encode_folder(root: str, *, buckets: BucketSpec, captions: CaptionOptions,
                 done += 1
             if on_progress:
                 on_progress(done, len(samples))
+    for key, others in twins.items():
+        for s in others:
+            s.latent = lead[key].latent
     texts: dict[str, list] = {}
     for s in samples:
         if s.text_key not in texts:

@@ -13,16 +13,12 @@ from PIL import Image
 from loralab.training import dataset as ds
 from loralab.training.captions import CaptionOptions
 from loralab.training.errors import TrainingError
+from support.datasets import caption_file as caption
 
 
-def image(path, w, h, color=(200, 30, 30), mode="RGB"):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new(mode, (w, h), color).save(path)
-
-
-def caption(path, text, encoding="utf-8"):
-    with open(path, "wb") as fh:
-        fh.write(text.encode(encoding) if isinstance(text, str) else text)
+def image(path, w, h, color=(200, 30, 30)):
+    from support.datasets import image_file
+    return image_file(path, w, h, color, square=False)
 
 
 class Encoders:

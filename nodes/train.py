@@ -7,6 +7,7 @@ denoiser returning the network's raw output for a batch, kohya names for the UNe
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -232,13 +233,14 @@ def train_lora(model, latents: list, positive: list, config: loop.TrainConfig, e
         encode = train_recipe.TextEncoder(clip, te_training) if clip is not None else None
         sampler = train_recipe.SampleMaker(
             mp, clip, extra.vae, extra.sample_prompt, train_recipe.largest_bucket(latents), config.seed, node_id,
-            train_recipe.sample_prefix(extra.checkpoint_prefix)) if config.sample_every_n_steps else None
+            train_recipe.sample_prefix(extra.checkpoint_prefix), te_training) if config.sample_every_n_steps else None
         try:
-            result = loop.train(targets=targets, denoise=denoiser(mp, conditioning, encode), objective=obj,
-                                dataset=dataset, config=config, resume=res, root=diffusion_model,
-                                on_step=progress(config.steps, node_id), info=info, te_targets=te_targets,
-                                te_root=clip.cond_stage_model if te_training else None, on_save=saver,
-                                on_sample=sampler, can_encode_text=encode is not None)
+            with train_recipe.trainable_text_encoder(clip.cond_stage_model) if te_training else contextlib.nullcontext():
+                result = loop.train(targets=targets, denoise=denoiser(mp, conditioning, encode), objective=obj,
+                                    dataset=dataset, config=config, resume=res, root=diffusion_model,
+                                    on_step=progress(config.steps, node_id), info=info, te_targets=te_targets,
+                                    te_root=clip.cond_stage_model if te_training else None, on_save=saver,
+                                    on_sample=sampler, can_encode_text=encode is not None)
         except TrainingError as e:
             raise _keep_last_good(e) from None
     finally:

@@ -6,6 +6,7 @@ Kept apart from nodes/train.py so the node's inputs and the glue each stay small
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -71,6 +72,25 @@ def text_encoder_targets(clip, thaw) -> dict:
         raise TrainingError(f"this text encoder ({type(clip.cond_stage_model).__name__}) has no CLIP encoder layers "
                             "to train (kohya trains CLIP-L / CLIP-G; T5 is not trained): set text_encoder_lr to 0")
     return targets
+
+
+@contextlib.contextmanager
+def trainable_text_encoder(module: torch.nn.Module):
+    """ComfyUI's CLIPLayer adds its residuals in place (``x += self.self_attn(self.layer_norm1(x))``)
+    after the LayerNorm saved x for backward: harmless while frozen, an autograd error once a LoRA
+    inside it trains. While gradients are on, each LayerNorm gets a copy of its input, so the tensor
+    it saved is never modified (the values computed are the same)."""
+    def copy_input(mod, args):
+        if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+            return (args[0].clone(), *args[1:])
+        return None
+
+    handles = [m.register_forward_pre_hook(copy_input) for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def captions_of(conditioning: list) -> tuple[list, dict | None]:
@@ -147,7 +167,7 @@ class SampleMaker:
     the node's ui and shown as the progress bar's preview while training runs."""
 
     def __init__(self, model, clip, vae, text: str, size: tuple[int, int], seed: int, node_id=None,
-                 prefix: str = "LoRA-Lab/samples/sample"):
+                 prefix: str = "LoRA-Lab/samples/sample", text_encoder_trains: bool = False):
         if clip is None or vae is None:
             raise TrainingError("sample_every_n_steps needs the clip and vae inputs of Train LoRA connected")
         self.prompts = prompts.parse(text, comfy.samplers.KSampler.SAMPLERS)
@@ -156,9 +176,15 @@ class SampleMaker:
         self.model, self.clip, self.vae = model, clip, vae
         self.size, self.seed, self.node_id, self.prefix = size, seed, node_id, prefix
         self.images: list[dict] = []
+        self._encoded: dict | None = None if text_encoder_trains else {}    # prompts encode once unless the TE trains
 
     def _encode(self, text: str) -> list:
-        return self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text), show_pbar=False)
+        if self._encoded is not None and text in self._encoded:
+            return self._encoded[text]
+        out = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text), show_pbar=False)
+        if self._encoded is not None:
+            self._encoded[text] = out
+        return out
 
     def __call__(self, step: int) -> None:
         import nodes as comfy_nodes
@@ -185,7 +211,8 @@ class SampleMaker:
             from PIL import Image
 
             arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-            comfy.utils.ProgressBar(1, node_id=self.node_id).update_absolute(1, 1, ("JPEG", Image.fromarray(arr), 512))
+            size = min(512, max(arr.shape[:2]))           # ComfyUI fits the preview into size²: never enlarge
+            comfy.utils.ProgressBar(1, node_id=self.node_id).update_absolute(1, 1, ("JPEG", Image.fromarray(arr), size))
         except comfy.model_management.InterruptProcessingException:
             raise
         except Exception:        # a preview is a nicety; the saved image is the record

@@ -312,17 +312,13 @@ def test_existing_lora_for_another_algorithm_is_refused(pack, sd15, cond, traine
 def test_save_into_a_folder_that_is_not_writable_leaves_nothing(pack, comfy, trained, monkeypatch):
     from loralab.lora.errors import LoraError
     import safetensors.torch
+    from support.faults import disk_full_save_file
 
     folder = os.path.join(comfy.loras_dir, "trained")
     os.makedirs(folder, exist_ok=True)
     before = set(os.listdir(folder))
 
-    def disk_full(tensors, path, metadata=None):
-        with open(path, "wb") as fh:
-            fh.write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_save_file)
     with pytest.raises(LoraError, match="No space left"):
         save_node(pack, trained[1])
     assert set(os.listdir(folder)) == before

@@ -124,13 +124,9 @@ def test_save_every_n_files_load_in_core_and_resume_exactly(pack, sd15, data, co
 def test_a_failing_checkpoint_save_leaves_no_partial_file(pack, sd15, data, comfy, monkeypatch):
     from loralab.lora.errors import LoraError
     import safetensors.torch
+    from support.faults import disk_full_save_file
 
-    def disk_full(tensors, path, metadata=None):
-        with open(path, "wb") as fh:
-            fh.write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_save_file)
     with pytest.raises(LoraError, match="No space left"):
         train(pack, sd15, data, steps=1, batch_size=1, save_every_n_steps=1, checkpoint_prefix="recipe_full/x")
     folder = os.path.join(comfy.loras_dir, "recipe_full")

@@ -57,16 +57,26 @@ def cache_dir(root: str) -> str:
     return os.path.join(folder_paths.get_user_directory(), "loralab", "dataset_cache", ident)
 
 
+def size_conditioning(s: dataset.Sample) -> dict:
+    """SDXL's size and crop conditioning as kohya trains it (original size, crop top-left, target
+    size), under the keys CLIPTextEncodeSDXL writes; models that do not use them ignore them."""
+    left, top, _, _ = dataset.crop_ltrb(s.bucket, s.size)
+    return {"width": s.size[0], "height": s.size[1], "crop_w": int(left), "crop_h": int(top),
+            "target_width": s.bucket[0], "target_height": s.bucket[1]}
+
+
 def outputs(ds: dataset.EncodedDataset) -> tuple[list, list]:
     """One LATENT and one CONDITIONING per sample, each image as often as its repeat count: the lists
-    core's dataset nodes produce, with the caption and the dataset description in each entry's dict."""
+    core's dataset nodes produce, with the caption, the size conditioning and the dataset description
+    in each entry's dict."""
     info = ds.info()
     options = ds.captions.to_dict()
     latents, conds = [], []
     for s in ds.expanded():
         latents.append({"samples": s.latent[None]})
         cond, extra = s.cond
-        conds.append([[cond, {**extra, CAPTION_KEY: {"text": s.caption, "options": options}, DATASET_KEY: info}]])
+        conds.append([[cond, {**extra, **size_conditioning(s), CAPTION_KEY: {"text": s.caption, "options": options},
+                              DATASET_KEY: info}]])
     return latents, conds
 
 

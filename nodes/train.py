@@ -23,6 +23,7 @@ import folder_paths
 from ..lora.io import read, resolve_in
 from ..training import adapters, loop, objective, resume, schedule
 from ..training.errors import TrainingError
+from ..training.recipe import StepCaption
 from ..training.save import save as save_lora
 from . import comfy_model, train_recipe
 
@@ -114,18 +115,25 @@ def thaw(module: torch.nn.Module) -> None:
 def denoiser(model, conditioning: list, encode_text=None):
     """(x_t, σ, conds) -> the diffusion model's raw output, through ComfyUI's apply_model (so
     every architecture's conditioning, timestep and input scaling are its own). ``conds`` are
-    conditioning indices, or caption texts (per-step caption variants, a training text encoder),
-    which ``encode_text`` turns into conditioning entries."""
+    conditioning indices, or StepCaptions (per-step caption variants, a training text encoder)
+    whose text ``encode_text`` turns into a conditioning entry."""
     base = model.model
     cache: dict = {}
     captured = {}
     transformer_options = dict(model.model_options.get("transformer_options", {}))
 
+    def entry_for(c: StepCaption) -> list:
+        """This step's caption through the text encoder, with the rest of its conditioning entry
+        (e.g. SDXL's size conditioning) taken from the dataset."""
+        cond, extra = encode_text(c.text)
+        base = conditioning[c.index][1] if len(conditioning[c.index]) > 1 else {}
+        return [cond, {**{k: v for k, v in base.items() if not isinstance(v, torch.Tensor)}, **extra}]
+
     def conds_for(i, x: torch.Tensor) -> dict:
         key = (i, tuple(x.shape[1:]))
-        fixed = not isinstance(i, str)          # a text's encoding is cached (or not) by encode_text
+        fixed = not isinstance(i, StepCaption)    # a text's encoding is cached (or not) by encode_text
         if not fixed or key not in cache:
-            entry = encode_text(i) if isinstance(i, str) else conditioning[i]
+            entry = conditioning[i] if fixed else entry_for(i)
             c = comfy.sampler_helpers.convert_cond([entry])
             c = comfy.samplers.encode_model_conds(base.extra_conds, c, x[:1], x.device, "positive",
                                                   latent_image=x[:1])
@@ -209,6 +217,9 @@ def train_lora(model, latents: list, positive: list, config: loop.TrainConfig, e
     samples = [l["samples"] for l in latents if l is not None]
     clip = extra.clip
     te_training = clip is not None and config.text_encoder_lr > 0
+    if config.text_encoder_lr > 0 and clip is None:
+        log.warning("LoRA Lab: text_encoder_lr is set but no clip is connected to Train LoRA: training the "
+                    "diffusion model only")
     saver = train_recipe.CheckpointSaver(extra.checkpoint_prefix) if config.save_every_n_steps else None
     mp = model.clone()
     mp.set_model_compute_dtype(config.training_dtype)

@@ -243,6 +243,18 @@ class Bucketer:
         return bucket, resized
 
 
+def crop_ltrb(bucket: tuple[int, int], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """kohya's BucketManager.get_crop_ltrb: where the image sits in its bucket (SDXL's crop
+    conditioning, as Stability AI's preprocessing computes it)."""
+    bucket_ar, image_ar = bucket[0] / bucket[1], size[0] / size[1]
+    if bucket_ar > image_ar:
+        rw, rh = bucket[1] * image_ar, bucket[1]
+    else:
+        rw, rh = bucket[0], bucket[0] / image_ar
+    left, top = (bucket[0] - rw) // 2, (bucket[1] - rh) // 2
+    return left, top, left + rw, top + rh
+
+
 # ---- images --------------------------------------------------------------------------------------------
 def open_size(path: str, rel: str) -> tuple[int, int]:
     """(width, height) as the image will be used (EXIF orientation applied), from its header."""
@@ -626,5 +638,5 @@ def summary(ds: EncodedDataset) -> str:
 
 
 __all__ = ["BucketSpec", "Bucketer", "Cache", "EncodedDataset", "Item", "Sample", "bucket_resolutions",
-           "dataset_path", "encode_folder", "fingerprint", "load_image", "load_manifest", "read_caption", "scan",
+           "crop_ltrb", "dataset_path", "encode_folder", "fingerprint", "load_image", "load_manifest", "read_caption", "scan",
            "shard", "summary"]

@@ -275,8 +275,9 @@ def train(*, targets: dict[str, nn.Module], denoise: Callable, objective: Object
     ``checkpoint_blocks``: blocks to recompute in backward when gradient checkpointing is on
     (default: ``blocks_to_checkpoint(root, targets)``).
     ``te_targets`` / ``te_root``: the text encoder's layers and module, trained when
-    ``config.text_encoder_lr`` > 0; ``denoise`` then receives caption texts instead of
-    conditioning indices (also when captions vary per step and ``can_encode_text``).
+    ``config.text_encoder_lr`` > 0; ``denoise`` then receives ``recipe.StepCaption`` (index, this
+    step's caption) instead of conditioning indices (also when captions vary per step and
+    ``can_encode_text``).
     ``on_save(result)`` / ``on_sample(step)``: every ``save_every_n_steps`` / ``sample_every_n_steps``.
     Raises TrainingError for bad inputs, and when the loss or the gradients stop being finite;
     then ``error.result`` is the LoRA as of the last good step.

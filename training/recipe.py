@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -126,6 +126,13 @@ def ema_weights(ema: EMA | None, params: Mapping[str, nn.Parameter]):
 
 
 # ---- captions per step ------------------------------------------------------------------------------------
+class StepCaption(NamedTuple):
+    """What ``denoise`` gets for a sample whose caption is encoded at this step: its conditioning
+    index (for whatever else that conditioning carries) and this step's caption text."""
+    index: int
+    text: str
+
+
 class StepTexts:
     """Turns a micro-batch's conditioning indices into the caption each sample sees at this step,
     when captions vary per step or the text encoder trains; otherwise leaves the indices alone."""
@@ -148,7 +155,7 @@ class StepTexts:
         for pos, c in enumerate(conds):
             text, options = self.captions[c]
             rng = random.Random(ad.mix(self.seed, step, micro, pos, 0xCA9))
-            out.append(process(text, options, rng))
+            out.append(StepCaption(c, process(text, options, rng)))
         return out
 
 
@@ -168,5 +175,5 @@ def info(config, objective, te_adapters: Mapping, ema: EMA | None, texts: StepTe
     }
 
 
-__all__ = ["StepTexts", "build_text_encoder", "check", "ema_weights", "groups", "info", "make_ema",
+__all__ = ["StepCaption", "StepTexts", "build_text_encoder", "check", "ema_weights", "groups", "info", "make_ema",
            "schedule_of", "set_lr"]

@@ -85,6 +85,9 @@ def load(file: LoraFile, targets: Mapping[str, nn.Module], algorithm: str, arch:
             missing.append(prefix)
             continue
         factors[target] = f
+    if missing and all(canonical(m).startswith("lora_te") for m in missing):
+        raise TrainingError(f"existing_lora has a text-encoder LoRA ({len(missing)} modules): to continue it, connect "
+                            "clip and set text_encoder_lr > 0", file=name)
     if missing:
         shapes = {k: tuple(t.shape) for k, t in file.tensors.items()}
         guess = guess_file_arch(shapes)

@@ -86,6 +86,9 @@ def test_repeats_buckets_and_captions(pack, sd15, folder):
     with torch.inference_mode():
         ref = core_nodes.CLIPTextEncode().encode(sd15.clip, texts[0])[0][0]
     assert torch.equal(conds[0][0][0], ref[0]) and torch.equal(conds[0][0][1]["pooled_output"], ref[1]["pooled_output"])
+    b = conds[texts.index(next(t for t in texts if t.startswith("sks, green")))][0][1]     # b.png, 96x64
+    assert {k: b[k] for k in ("width", "height", "crop_w", "crop_h", "target_width", "target_height")} == \
+        {"width": 96, "height": 64, "crop_w": 0, "crop_h": 10, "target_width": 64, "target_height": 64}
     info = conds[0][0][1]["loralab_dataset"]
     assert info["dataset_dirs"]["2_sks square"] == {"n_repeats": 2, "img_count": 3}
     # the latents are the VAE's own: the 64x64 image through VAEEncode gives the same latent

@@ -85,7 +85,8 @@ def test_web_extension_and_help_pages_served(srv):
     assert "load_lora_basic" in srv.get("/api/workflow_templates").get(server.PACK_DIR_NAME, [])
     ext = srv.get("/extensions")
     assert f"/extensions/{server.PACK_DIR_NAME}/loralab.js" in ext
-    for path in ("loralab.js", "docs/LoraLabLoadLoRA.md", "docs/LoraLabLoraLoaderModelOnly.md"):
+    for path in ("loralab.js", "docs/LoraLabLoadLoRA.md", "docs/LoraLabLoraLoaderModelOnly.md",
+                 "docs/LoraLabTrainingDataset.md", "docs/LoraLabTrainLoraNode.md"):
         r = requests.get(f"{srv.url}/extensions/{server.PACK_DIR_NAME}/{path}", timeout=30)
         assert r.status_code == 200 and r.text.strip(), path
 

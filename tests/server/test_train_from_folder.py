@@ -42,6 +42,10 @@ def by_type(entry, prompt, kind) -> dict:
     return next(out for nid, out in entry["outputs"].items() if prompt[nid]["class_type"] == kind)
 
 
+def test_offered_as_a_template(srv):
+    assert "train_from_folder" in srv.get("/api/workflow_templates").get(server.PACK_DIR_NAME, [])
+
+
 def test_train_from_folder_workflow(srv):
     folder = "srv_test_dataset"
     root = os.path.join(srv.base, "input", folder)

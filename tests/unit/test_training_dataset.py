@@ -296,3 +296,11 @@ def test_fingerprint_tells_weights_apart():
     b["w"][0, 0] += 1.0
     assert ds.fingerprint(a) != ds.fingerprint(b)
     assert ds.fingerprint(a) != ds.fingerprint(a, extra="clip skip 2")
+
+
+def test_crop_conditioning_is_kohyas_get_crop_ltrb():
+    # the bucket is wider than the image: fit to its height, centred horizontally
+    assert ds.crop_ltrb((640, 384), (600, 400)) == (32.0, 0.0, 608.0, 384.0)
+    # the image is wider than the bucket: kohya (Stability's preprocessing) fits it to the width
+    left, top, right, bottom = ds.crop_ltrb((64, 64), (96, 64))
+    assert (left, top, right) == (0, 10.0, 64) and bottom == pytest.approx(10 + 64 / 1.5)

@@ -259,7 +259,9 @@ class TextRig(Rig):
         return self._loop.make_dataset(self.latents, self.n_conds, process_in, self.captions)
 
     def denoise(self, x, sigma, conds):
-        if conds and isinstance(conds[0], str):
+        if conds and isinstance(conds[0], recipe.StepCaption):
+            assert all(self.captions[c.index][0].split(", ")[0] == c.text.split(", ")[0] or not c.text for c in conds)
+            conds = [c.text for c in conds]
             self.seen.append(list(conds))
             ctx = torch.stack([self.te(t) for t in conds])
         else:

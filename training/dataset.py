@@ -633,7 +633,8 @@ def summary(ds: EncodedDataset) -> str:
     if ds.captions.varies:
         c = ds.captions
         lines.append(f"captions vary per step (shuffle {c.shuffle}, keep_tokens {c.keep_tokens}, dropout "
-                     f"{c.dropout_rate:g}, tag dropout {c.tag_dropout_rate:g}): connect the CLIP to the train node")
+                     f"{c.dropout_rate:g}, tag dropout {c.tag_dropout_rate:g}): Train LoRA encodes them at every "
+                     "step through its clip input")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "load": "LoRA application time and memory: core LoraLoader vs LoraLabLoadLoRA (first, strength change, stacks)",
     "bypass": "sampling overhead per step, bypass vs merged weights",
     "train": "training steps/s vs core TrainLoraNode",
+    "dataset": "encoding a folder of captioned images: core's dataset nodes vs ours, cold and warm cache",
 }
 
 

@@ -37,6 +37,9 @@ from .common import (CACHE_DIR, BenchError, PeakProbe, command_line, comfy_versi
                      write_results)
 
 IMPLS = ("core", "ours")
+# --recipe: ours with kohya's recipe on (core has none of it and trains as without the flag)
+RECIPE = {"network_alpha": 4.0, "lr_scheduler": "cosine", "lr_warmup_steps": 2, "min_snr_gamma": 5.0,
+          "noise_offset": 0.05, "ema_decay": 0.999}
 WORK = os.path.join(CACHE_DIR, "train")
 UNET_PREFIX = "model.diffusion_model."
 MB = 2 ** 20
@@ -103,6 +106,8 @@ def job_run(spec: dict) -> dict:
                 lora_dtype=[spec["dtype"]], algorithm=["LoRA"],
                 gradient_checkpointing=[spec["gradient_checkpointing"]], existing_lora=["[None]"])
     if impl == "ours":
+        if spec.get("recipe"):
+            args.update({k: [v] for k, v in RECIPE.items()})
         node = pack.NODE_CLASS_MAPPINGS["LoraLabTrainLoraNode"]()
         run = lambda: node.train(**args)
     else:
@@ -160,6 +165,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="gradient_checkpointing off (default on)")
     p.add_argument("--repeats", type=int, help="processes per node, run core/ours/ours/core... (default 2; --quick 1)")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of core,ours")
+    p.add_argument("--recipe", action="store_true",
+                   help="ours with kohya's recipe on: " + ", ".join(f"{k} {v}" for k, v in RECIPE.items()))
     p.add_argument("--timeout", type=float, default=1200, help="seconds one run may take")
     args = p.parse_args(argv)
     args.steps = args.steps or (4 if args.quick else 8)
@@ -226,6 +233,7 @@ def report(args, argv, results: dict) -> tuple[str, str, dict]:
     setting = (f"tiny SD1.5 UNet (44M params), {args.images} latents {args.size}x{args.size}, batch {args.batch}, "
                f"rank {args.rank}, AdamW, MSE, {args.dtype}, gradient checkpointing "
                f"{'on' if args.gradient_checkpointing else 'off'}, {args.steps} steps (first not timed), "
+               f"{'ours with the recipe on (' + ', '.join(f'{k} {v}' for k, v in RECIPE.items()) + '), ' if args.recipe else ''}"
                f"{args.repeats} process(es) per node; {where}; torch {info['torch']}, ComfyUI {first['comfyui']}")
     header = ["node", "steps/s", "runs steps/s", "median step s", "CPU s/step", "1st step+setup s",
               "RSS before MB", "peak RSS MB", "train peak MB", "train d MB", "trained params"]
@@ -287,7 +295,7 @@ def main(argv: list[str]) -> int:
     unet = os.path.join(WORK, "tiny-sd15-v1-unet-fp32.safetensors")
     spec = {"device": args.device, "threads": args.threads, "size": args.size, "images": args.images,
             "batch": args.batch, "rank": args.rank, "steps": args.steps, "dtype": args.dtype,
-            "gradient_checkpointing": args.gradient_checkpointing, "unet": unet}
+            "gradient_checkpointing": args.gradient_checkpointing, "unet": unet, "recipe": args.recipe}
     results: dict[str, list] = {impl: [] for impl in args.impls}
     try:
         if not os.path.isfile(unet):
@@ -308,6 +316,7 @@ def main(argv: list[str]) -> int:
     print("\n" + text + "\n\nMarkdown for README:\n\n" + markdown)
     data = {"command": command_line("train", argv), "settings": {k: v for k, v in spec.items() if k != "unet"},
             "results": results, "summary": summary, "wall_s": time.perf_counter() - started}
-    js, md = write_results(f"train-{args.dtype}{'-quick' if args.quick else ''}", data, f"{text}\n\n{markdown}")
+    js, md = write_results(f"train-{args.dtype}{'-recipe' if args.recipe else ''}{'-quick' if args.quick else ''}", data,
+                           f"{text}\n\n{markdown}")
     print(f"\nwritten: {os.path.relpath(js)}, {os.path.relpath(md)}  ({time.perf_counter() - started:.0f} s)")
     return 0

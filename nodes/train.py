@@ -7,6 +7,7 @@ denoiser returning the network's raw output for a batch, kohya names for the UNe
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -22,10 +23,11 @@ import folder_paths
 
 from ..lora import arch
 from ..lora.io import read, resolve_in
-from ..training import adapters, loop, objective, resume
+from ..training import adapters, loop, objective, resume, schedule
 from ..training.errors import TrainingError
+from ..training.recipe import StepCaption
 from ..training.save import save as save_lora
-from . import comfy_model
+from . import comfy_model, train_recipe
 
 log = logging.getLogger("LoRA Lab")
 NONE = "[None]"
@@ -100,21 +102,35 @@ def thaw(module: torch.nn.Module) -> None:
                         store[k] = torch.nn.Parameter(copy, requires_grad=False) if k in m._parameters else copy
 
 
-def denoiser(model, conditioning: list):
-    """(x_t, σ, cond indices) -> the diffusion model's raw output, through ComfyUI's apply_model (so
-    every architecture's conditioning, timestep and input scaling are its own)."""
+def denoiser(model, conditioning: list, encode_text=None):
+    """(x_t, σ, conds) -> the diffusion model's raw output, through ComfyUI's apply_model (so
+    every architecture's conditioning, timestep and input scaling are its own). ``conds`` are
+    conditioning indices, or StepCaptions (per-step caption variants, a training text encoder)
+    whose text ``encode_text`` turns into a conditioning entry."""
     base = model.model
     cache: dict = {}
     captured = {}
     transformer_options = dict(model.model_options.get("transformer_options", {}))
 
-    def conds_for(i: int, x: torch.Tensor) -> dict:
+    def entry_for(c: StepCaption) -> list:
+        """This step's caption through the text encoder, with the rest of its conditioning entry
+        (e.g. SDXL's size conditioning) taken from the dataset."""
+        cond, extra = encode_text(c.text)
+        base = conditioning[c.index][1] if len(conditioning[c.index]) > 1 else {}
+        return [cond, {**{k: v for k, v in base.items() if not isinstance(v, torch.Tensor)}, **extra}]
+
+    def conds_for(i, x: torch.Tensor) -> dict:
         key = (i, tuple(x.shape[1:]))
-        if key not in cache:
-            c = comfy.sampler_helpers.convert_cond([conditioning[i]])
+        fixed = not isinstance(i, StepCaption)    # a text's encoding is cached (or not) by encode_text
+        if not fixed or key not in cache:
+            entry = conditioning[i] if fixed else entry_for(i)
+            c = comfy.sampler_helpers.convert_cond([entry])
             c = comfy.samplers.encode_model_conds(base.extra_conds, c, x[:1], x.device, "positive",
                                                   latent_image=x[:1])
-            cache[key] = {k: v.process_cond(batch_size=1, area=None) for k, v in c[0]["model_conds"].items()}
+            out = {k: v.process_cond(batch_size=1, area=None) for k, v in c[0]["model_conds"].items()}
+            if not fixed:
+                return out
+            cache[key] = out
         return cache[key]
 
     def grab(module, args, kwargs, output):
@@ -238,36 +254,61 @@ def flat_conditioning(positive: list) -> list:
 
 
 def train_lora(model, latents: list, positive: list, config: loop.TrainConfig, existing_lora: str | None,
-               node_id=None) -> tuple:
+               node_id=None, extra: train_recipe.RecipeInputs | None = None) -> dict:
     """Everything the node does, with ComfyUI objects in and out."""
+    extra = extra or train_recipe.RecipeInputs()
     conditioning = flat_conditioning(positive)
+    captions, dataset_info = train_recipe.captions_of(conditioning)
     samples = [l["samples"] for l in latents if l is not None]
+    clip = extra.clip
+    te_training = clip is not None and config.text_encoder_lr > 0
+    if config.text_encoder_lr > 0 and clip is None:
+        log.warning("LoRA Lab: text_encoder_lr is set but no clip is connected to Train LoRA: training the "
+                    "diffusion model only")
+    saver = train_recipe.CheckpointSaver(extra.checkpoint_prefix) if config.save_every_n_steps else None
     mp = model.clone()
     mp.set_model_compute_dtype(config.training_dtype)
-    comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+    comfy.model_management.load_models_gpu([mp] + ([clip.patcher] if te_training else []), memory_required=1e20,
+                                           force_full_load=True)
     try:
         diffusion_model = mp.model.diffusion_model
         thaw(diffusion_model)
         targets = adapters.find_targets(diffusion_model, layer_names(mp))
+        te_targets = train_recipe.text_encoder_targets(clip, thaw) if te_training else {}
         info = model_info(mp)
+        if dataset_info:
+            info["dataset"] = dataset_info
         res = None
         if existing_lora:
             path = resolve_in(folder_paths.get_folder_paths("loras"), existing_lora)
-            res = resume.load(read(path), targets, config.algorithm, info["modelspec_architecture"])
-        dataset = loop.make_dataset(samples, len(conditioning), mp.model.process_latent_in)
-        obj = objective.Objective(mp.get_model_object("model_sampling"), prediction(mp), config.loss)
+            res = resume.load(read(path), {**targets, **te_targets}, config.algorithm, info["modelspec_architecture"])
+        dataset = loop.make_dataset(samples, len(conditioning), mp.model.process_latent_in, captions)
+        obj = objective.Objective(mp.get_model_object("model_sampling"), prediction(mp), config.loss,
+                                  min_snr_gamma=extra.min_snr_gamma, noise_offset=extra.noise_offset,
+                                  adaptive_noise_scale=extra.adaptive_noise_scale)
+        encode = train_recipe.TextEncoder(clip, te_training) if clip is not None else None
+        sampler = train_recipe.SampleMaker(
+            mp, clip, extra.vae, extra.sample_prompt, train_recipe.largest_bucket(latents), config.seed, node_id,
+            train_recipe.sample_prefix(extra.checkpoint_prefix), te_training) if config.sample_every_n_steps else None
         try:
-            result = loop.train(targets=targets, denoise=denoiser(mp, conditioning), objective=obj,
-                                dataset=dataset, config=config, resume=res, root=diffusion_model,
-                                on_step=progress(config.steps, node_id), info=info)
+            with train_recipe.trainable_text_encoder(clip.cond_stage_model) if te_training else contextlib.nullcontext():
+                result = loop.train(targets=targets, denoise=denoiser(mp, conditioning, encode), objective=obj,
+                                    dataset=dataset, config=config, resume=res, root=diffusion_model,
+                                    on_step=progress(config.steps, node_id), info=info, te_targets=te_targets,
+                                    te_root=clip.cond_stage_model if te_training else None, on_save=saver,
+                                    on_sample=sampler, can_encode_text=encode is not None)
         except TrainingError as e:
             raise _keep_last_good(e) from None
     finally:
         release(mp)
     for note in result.notes:
         log.info("LoRA Lab: %s", note)
-    model_with_lora, _, _ = comfy_model.load_lora(model, None, result.lora, 1.0, 0.0)
-    return model_with_lora, result.lora, {"loss": list(result.losses)}, result.steps
+    te_trained = any(k.startswith("lora_te") for k in result.lora)
+    model_with_lora, clip_with_lora, _ = comfy_model.load_lora(model, clip if te_trained else None, result.lora,
+                                                               1.0, 1.0 if te_trained else 0.0)
+    return {"model": model_with_lora, "lora": result.lora, "loss": {"loss": list(result.losses)},
+            "steps": result.steps, "clip": clip_with_lora if te_trained else clip,
+            "images": sampler.images if sampler else [], "saved": saver.saved if saver else [], "notes": result.notes}
 
 
 def _keep_last_good(e: TrainingError) -> TrainingError:
@@ -293,17 +334,21 @@ def _first(v):
 class LoraLabTrainLoraNode:
     DESCRIPTION = ("Train a LoRA (LoRA, LoHa, LoKr or OFT) on a few latents, with the model's own noise schedule "
                    "and prediction target. Deterministic for a seed; continues an existing LoRA from its "
-                   "metadata; Cancel stops after the current step and still returns the LoRA.")
+                   "metadata; Cancel stops after the current step and still returns the LoRA. Optional: kohya's "
+                   "recipe (network alpha, LR scheduler, min-SNR-γ, noise offset, EMA, text-encoder LoRA, "
+                   "save and sample every N steps).")
     CATEGORY = "training/LoRA Lab"
     FUNCTION = "train"
     INPUT_IS_LIST = True
-    RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT")
-    RETURN_NAMES = ("model_with_lora", "lora", "loss", "steps")
+    RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT", "CLIP")
+    RETURN_NAMES = ("model_with_lora", "lora", "loss", "steps", "clip_with_lora")
     OUTPUT_TOOLTIPS = (
         "The input model with the trained LoRA applied (a patched clone; the input is untouched).",
         "The trained LoRA: a state dict with kohya key names. Save it with Save LoRA (LoRA Lab).",
         "The loss of every training step (for a loss graph).",
         "Total training steps of this LoRA, counting the steps of an existing LoRA it continued.",
+        "The clip input with the trained text-encoder LoRA applied (the clip input itself when no text-encoder "
+        "LoRA was trained; nothing when no clip is connected).",
     )
 
     @classmethod
@@ -351,6 +396,7 @@ class LoraLabTrainLoraNode:
                                              "state are read from the file, whatever it is called), or [None] "
                                              "for a new one."}),
             },
+            "optional": RECIPE_INPUTS,
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -371,18 +417,80 @@ class LoraLabTrainLoraNode:
 
     def train(self, model, latents, positive, batch_size, grad_accumulation_steps, steps, learning_rate, rank,
               optimizer, loss_function, seed, training_dtype, lora_dtype, algorithm, gradient_checkpointing,
-              existing_lora, unique_id=None):
+              existing_lora, unique_id=None, **recipe):
+        r = {k: _first(recipe.get(k, [spec[1].get("default")])) for k, spec in RECIPE_INPUTS.items()}
         config = loop.TrainConfig(
             steps=_first(steps), batch_size=_first(batch_size), grad_accumulation_steps=_first(grad_accumulation_steps),
             learning_rate=_first(learning_rate), rank=_first(rank), optimizer=_first(optimizer),
             loss=_first(loss_function), seed=_first(seed), training_dtype=loop.DTYPES[_first(training_dtype)],
             lora_dtype=loop.DTYPES[_first(lora_dtype)], algorithm=_first(algorithm),
-            gradient_checkpointing=_first(gradient_checkpointing))
+            gradient_checkpointing=_first(gradient_checkpointing), alpha=r["network_alpha"],
+            lr_scheduler=r["lr_scheduler"], lr_warmup_steps=r["lr_warmup_steps"],
+            lr_scheduler_num_cycles=r["lr_scheduler_num_cycles"], text_encoder_lr=r["text_encoder_lr"],
+            ema_decay=r["ema_decay"], save_every_n_steps=r["save_every_n_steps"],
+            sample_every_n_steps=r["sample_every_n_steps"])
+        extra = train_recipe.RecipeInputs(
+            clip=r["clip"], vae=r["vae"], min_snr_gamma=r["min_snr_gamma"], noise_offset=r["noise_offset"],
+            adaptive_noise_scale=r["adaptive_noise_scale"], checkpoint_prefix=r["checkpoint_prefix"],
+            sample_prompt=r["sample_prompt"])
         existing = _first(existing_lora)
-        result = train_lora(_first(model), latents, positive, config, None if existing == NONE else existing,
-                            _first(unique_id))
+        out = train_lora(_first(model), latents, positive, config, None if existing == NONE else existing,
+                         _first(unique_id), extra)
+        result = (out["model"], out["lora"], out["loss"], out["steps"], out["clip"])
         # the node's loss chart (web/loss_chart.js) keeps this after the run
-        return {"ui": {"loralab_loss": [loss_curve(result[2]["loss"], config.steps)]}, "result": result}
+        ui = {"loralab_loss": [loss_curve(out["loss"]["loss"], config.steps)]}
+        if out["images"]:
+            ui["images"] = out["images"]
+        if out["saved"]:
+            ui["text"] = ["saved " + ", ".join(out["saved"])]
+        return {"ui": ui, "result": result}
+
+
+# Optional inputs of the train node: kohya's recipe. Every default is today's behaviour.
+RECIPE_INPUTS = {
+    "clip": ("CLIP", {"tooltip": "The model's text encoder: needed to train a text-encoder LoRA, to vary captions "
+                      "per step (shuffle / dropout from the dataset node) and to draw sample images."}),
+    "vae": ("VAE", {"tooltip": "The model's VAE: needed to draw sample images."}),
+    "network_alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                                "tooltip": "LoRA alpha: the factors are scaled by alpha / rank (kohya's "
+                                           "--network_alpha; 0 means alpha = rank, i.e. scale 1)."}),
+    "lr_scheduler": (list(schedule.SCHEDULERS), {"default": "constant",
+                     "tooltip": "How the learning rate changes over the run (kohya / diffusers schedulers): after "
+                                "lr_warmup_steps of linear warm-up from 0, constant, linear decay to 0, cosine decay "
+                                "to 0, or cosine restarting lr_scheduler_num_cycles times."}),
+    "lr_warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                "tooltip": "Steps of linear warm-up from learning rate 0 (not with 'constant')."}),
+    "lr_scheduler_num_cycles": ("INT", {"default": 1, "min": 1, "max": 1000, "advanced": True,
+                                        "tooltip": "Restarts of cosine_with_restarts."}),
+    "text_encoder_lr": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.0000001,
+                                  "tooltip": "Learning rate of a text-encoder LoRA (kohya names lora_te_...; needs "
+                                             "clip and captions from the dataset node). 0: the text encoder is not "
+                                             "trained."}),
+    "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                "tooltip": "Min-SNR-γ loss weighting (kohya's --min_snr_gamma; 5 is the paper's "
+                                           "value): low-noise steps count less. 0: off."}),
+    "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                               "tooltip": "Noise offset (kohya's --noise_offset, e.g. 0.05): lets the LoRA learn "
+                                          "very dark and very bright images. 0: off."}),
+    "adaptive_noise_scale": ("FLOAT", {"default": 0.0, "min": -1.0, "max": 1.0, "step": 0.001, "advanced": True,
+                                       "tooltip": "Adds |mean of the latent| × this to the noise offset (kohya's "
+                                                  "--adaptive_noise_scale; needs noise_offset). 0: off."}),
+    "ema_decay": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99999, "step": 0.0001,
+                            "tooltip": "Keep an exponential moving average of the LoRA (e.g. 0.999) and return / save "
+                                       "the average (the file's metadata says so). 0: off."}),
+    "save_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                   "tooltip": "Save a numbered, resumable LoRA into the loras folder every N steps "
+                                              "(checkpoint_prefix_stepNNNNNN_00001.safetensors). 0: off."}),
+    "checkpoint_prefix": ("STRING", {"default": "LoRA-Lab/checkpoints/lora",
+                                     "tooltip": "Where save_every_n_steps writes, inside the loras folder; sample "
+                                                "images go to the output folder under <folder>/samples/."}),
+    "sample_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                     "tooltip": "Draw sample_prompt with the LoRA every N steps (ComfyUI's sampler; "
+                                                "needs clip and vae); the images show on the node. 0: off."}),
+    "sample_prompt": ("STRING", {"default": "", "multiline": True,
+                                 "tooltip": "One prompt per line, kohya's options after it: --n negative, --w/--h "
+                                            "size, --d seed, --l cfg (7.5), --s steps (30), --ss sampler (euler)."}),
+}
 
 
 NODES = {"LoraLabTrainLoraNode": (LoraLabTrainLoraNode, "Train LoRA (LoRA Lab)")}

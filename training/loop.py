@@ -11,13 +11,18 @@ Determinism: every random draw comes from a CPU generator seeded from (seed, glo
 micro-batch), and each layer's init from (seed, layer name). The same inputs give the same
 LoRA bit for bit on the CPU, and a run resumed at step N continues exactly as an
 uninterrupted run would (same batches, noise and timesteps for step N+1; same optimizer state).
+
+kohya's recipe (all off by default; see recipe.py): a learning-rate schedule that is a pure
+function of the global step, a text-encoder LoRA with its own learning rate (``te_targets``),
+per-step caption variants, an EMA of the factors, and callbacks to save (``on_save``) or sample
+(``on_sample``) every N steps.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -25,6 +30,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import adapters as ad
+from . import recipe
+from .captions import CaptionOptions
 from .errors import TrainingError
 from .metadata import dtype_name
 from .objective import Objective, loss_fn
@@ -58,6 +65,14 @@ class TrainConfig:
     lora_dtype: torch.dtype = torch.bfloat16
     algorithm: str = "LoRA"          # a trainable adapter label or name (adapters.trainable)
     gradient_checkpointing: bool = True
+    # kohya's recipe; the defaults are today's behaviour (recipe.py has the semantics)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    text_encoder_lr: float = 0.0            # 0: no text-encoder LoRA (kohya: "NO LR skipping")
+    ema_decay: float = 0.0                  # 0: off
+    save_every_n_steps: int = 0             # 0: off
+    sample_every_n_steps: int = 0           # 0: off
 
     def check(self) -> None:
         for name, (lo, hi) in LIMITS.items():
@@ -71,6 +86,7 @@ class TrainConfig:
         for name in ("training_dtype", "lora_dtype"):
             if getattr(self, name) not in DTYPES.values():
                 raise TrainingError(f"{name} must be bf16 or fp32, not {getattr(self, name)}")
+        recipe.check(self)
 
 
 # ---- dataset ----------------------------------------------------------------------------------
@@ -79,6 +95,8 @@ class Dataset:
     """Samples grouped by shape (buckets), in model space, on the CPU in float32."""
     buckets: list[torch.Tensor]        # each (n, C, ...)
     conds: list[list[int]]             # per bucket: the conditioning index of each sample
+    # per conditioning index: (caption, its options) when the data carries captions (our dataset node)
+    captions: list[tuple[str, CaptionOptions] | None] | None = None
 
     @property
     def size(self) -> int:
@@ -86,10 +104,11 @@ class Dataset:
 
 
 def make_dataset(latents: Sequence[torch.Tensor], n_conds: int,
-                 process_in: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Dataset:
+                 process_in: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 captions: Sequence[tuple[str, CaptionOptions] | None] | None = None) -> Dataset:
     """Flatten latent batches of any sizes into samples, bucket them by shape, bring each bucket into
     model space with ``process_in`` (the model's latent format), and pair samples with conditionings:
-    one per sample in order, or a single one shared by all."""
+    one per sample in order, or a single one shared by all. ``captions``: one per conditioning."""
     samples: list[torch.Tensor] = []
     for t in latents:
         if t is None or t.numel() == 0:
@@ -112,18 +131,23 @@ def make_dataset(latents: Sequence[torch.Tensor], n_conds: int,
             b = process_in(b).float()
         buckets.append(b.contiguous())
         conds.append([i if n_conds > 1 else 0 for i in idx])
-    return Dataset(buckets, conds)
+    if captions is not None and len(captions) != n_conds:
+        raise TrainingError(f"{len(captions)} captions for {n_conds} conditionings")
+    return Dataset(buckets, conds, list(captions) if captions is not None and any(captions) else None)
 
 
 # ---- results ------------------------------------------------------------------------------------
 class TrainedLoRA(dict):
     """A plain state dict {file key: tensor} (what ComfyUI's LORA_MODEL is), plus ``info`` (what the
-    metadata is built from) and ``optimizer_state`` (tensors, for resume)."""
+    metadata is built from), ``optimizer_state`` (tensors, for resume) and, when the tensors are an
+    EMA, ``online_weights`` (the live factors, {file key: tensor}, for resume)."""
 
-    def __init__(self, tensors=(), info: dict | None = None, optimizer_state: dict | None = None):
+    def __init__(self, tensors=(), info: dict | None = None, optimizer_state: dict | None = None,
+                 online_weights: dict | None = None):
         super().__init__(tensors)
         self.info = info or {}
         self.optimizer_state = optimizer_state
+        self.online_weights = online_weights
 
 
 @dataclass
@@ -142,8 +166,15 @@ def param_table(adapters: dict[str, ad.TrainableAdapter]) -> dict[str, nn.Parame
 
 
 def make_optimizer(params: dict[str, nn.Parameter], config: TrainConfig,
-                   state: dict[str, torch.Tensor] | None = None) -> torch.optim.Optimizer:
-    opt = OPTIMIZERS[config.optimizer](list(params.values()), lr=config.learning_rate)
+                   state: dict[str, torch.Tensor] | None = None,
+                   groups: Sequence[tuple[Sequence[str], float]] | None = None) -> torch.optim.Optimizer:
+    """The optimizer over ``params``; ``groups``: (parameter names, learning rate) per group, in the
+    order of ``params`` (default: one group at the learning rate)."""
+    if groups is None:
+        opt = OPTIMIZERS[config.optimizer](list(params.values()), lr=config.learning_rate)
+    else:
+        opt = OPTIMIZERS[config.optimizer]([{"params": [params[n] for n in names], "lr": lr} for names, lr in groups],
+                                           lr=config.learning_rate)
     if state:
         load_optimizer_state(opt, params, state)
     return opt
@@ -216,14 +247,14 @@ def checkpointed(blocks: Iterable[nn.Module]):
 
 
 def batches(dataset: Dataset, config: TrainConfig, step: int):
-    """(bucket, sample indices, generator) for each micro-batch of global step ``step`` (0-based).
+    """(bucket, sample indices, generator, micro) for each micro-batch of global step ``step`` (0-based).
     A bucket is chosen in proportion to its size; the generator goes on to draw noise and σ."""
     sizes = torch.tensor([b.shape[0] for b in dataset.buckets], dtype=torch.float64)
     for micro in range(config.grad_accumulation_steps):
         g = torch.Generator().manual_seed(ad.mix(config.seed, step, micro))
         bucket = int(torch.multinomial(sizes, 1, generator=g)) if len(sizes) > 1 else 0
         idx = torch.randperm(int(sizes[bucket]), generator=g)[: config.batch_size]
-        yield bucket, idx, g
+        yield bucket, idx, g, micro
 
 
 def _device_of(targets: dict[str, nn.Module]) -> torch.device:
@@ -235,40 +266,71 @@ def train(*, targets: dict[str, nn.Module], denoise: Callable, objective: Object
           config: TrainConfig, resume: Resume | None = None, root: nn.Module | None = None,
           checkpoint_blocks: Sequence[nn.Module] | None = None,
           on_step: Callable[[int, int, float], bool | None] | None = None,
-          info: dict | None = None) -> TrainResult:
+          info: dict | None = None, te_targets: dict[str, nn.Module] | None = None, te_root: nn.Module | None = None,
+          on_save: Callable[["TrainResult"], None] | None = None,
+          on_sample: Callable[[int], None] | None = None, can_encode_text: bool = False) -> TrainResult:
     """Train adapters on ``targets`` for ``config.steps`` optimizer steps; return the LoRA.
 
     ``root``: the model, frozen for the run (its requires_grad flags are restored after).
     ``checkpoint_blocks``: blocks to recompute in backward when gradient checkpointing is on
     (default: ``blocks_to_checkpoint(root, targets)``).
+    ``te_targets`` / ``te_root``: the text encoder's layers and module, trained when
+    ``config.text_encoder_lr`` > 0; ``denoise`` then receives ``recipe.StepCaption`` (index, this
+    step's caption) instead of conditioning indices (also when captions vary per step and
+    ``can_encode_text``).
+    ``on_save(result)`` / ``on_sample(step)``: every ``save_every_n_steps`` / ``sample_every_n_steps``.
     Raises TrainingError for bad inputs, and when the loss or the gradients stop being finite;
     then ``error.result`` is the LoRA as of the last good step.
     """
     # ComfyUI runs nodes under inference_mode; everything trained must be made outside it.
     with torch.inference_mode(False), torch.enable_grad():
-        return _train(targets, denoise, objective, dataset, config, resume, root, checkpoint_blocks, on_step, info)
+        return _train(targets, denoise, objective, dataset, config, resume, root, checkpoint_blocks, on_step, info,
+                      _Extras(te_targets or {}, te_root, on_save, on_sample, can_encode_text))
 
 
-def _train(targets, denoise, objective, dataset, config, resume, root, checkpoint_blocks, on_step, info):
+@dataclass
+class _Extras:
+    te_targets: dict
+    te_root: nn.Module | None
+    on_save: Callable | None
+    on_sample: Callable | None
+    can_encode_text: bool
+
+
+def _train(targets, denoise, objective, dataset, config, resume, root, checkpoint_blocks, on_step, info,
+           extras: _Extras):
     config.check()
     if not targets:
         raise TrainingError("the model has no layers to train (no Linear/Conv layers were selected)")
     started = time.time()
     device = _device_of(targets)
-    adapters = ad.create_adapters(targets, config.algorithm, config.rank, config.alpha, config.seed,
+    alpha = config.alpha or config.rank          # kohya: network_alpha 0 (or None) means alpha = rank
+    adapters = ad.create_adapters(targets, config.algorithm, config.rank, alpha, config.seed,
                                   config.lora_dtype, resume.adapters if resume else None)
-    params = param_table(adapters)
     notes = list(resume.notes) if resume else []
+    te_adapters = recipe.build_text_encoder(extras.te_targets, replace(config, alpha=alpha), resume, notes)
+    params = param_table(adapters)
+    te_params = param_table(te_adapters)
+    all_params = {**params, **te_params}
     opt_state = resume.optimizer_state if resume else None
     if opt_state and resume.optimizer and resume.optimizer != config.optimizer:
         notes.append(f"optimizer state is for {resume.optimizer}, training with {config.optimizer}: starting fresh")
         opt_state = None
-    opt = make_optimizer(params, config, opt_state)
+    opt = make_optimizer(all_params, config, opt_state, recipe.groups(params, te_params, config))
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    schedule = recipe.schedule_of(config)
+    ema = recipe.make_ema(all_params, config, resume, notes)
+    texts = recipe.StepTexts(dataset, config, bool(te_adapters), extras.can_encode_text)
+    if texts.skipped:
+        notes.append("the captions vary per step (shuffle / dropout), but the train node has no CLIP to encode "
+                     "them: trained with the captions as written")
     start_step = resume.steps if resume else 0
+    total = start_step + config.steps
     losses: list[float] = []
     done = 0
     interrupted = False
     ctx = contextlib.ExitStack()
+    every = {**adapters, **te_adapters}
 
     def result() -> TrainResult:
         first = next(iter(adapters.values()))
@@ -281,54 +343,72 @@ def _train(targets, denoise, objective, dataset, config, resume, root, checkpoin
             gradient_checkpointing=config.gradient_checkpointing, training_dtype=dtype_name(config.training_dtype),
             lora_dtype=dtype_name(config.lora_dtype), num_samples=dataset.size, prediction=objective.prediction,
             started_at=started, finished_at=time.time(), existing_lora=resume.source if resume else None,
-            resolution=_resolution(dataset),
+            resolution=_resolution(dataset), max_train_steps=total,
         )
-        lora = TrainedLoRA(snapshot(adapters, config.lora_dtype), meta, optimizer_state(opt, params))
+        meta.update(recipe.info(config, objective, te_adapters, ema, texts))
+        online = snapshot(every, config.lora_dtype) if ema is not None else None
+        with recipe.ema_weights(ema, all_params):
+            tensors = snapshot(every, config.lora_dtype)
+        lora = TrainedLoRA(tensors, meta, optimizer_state(opt, all_params), online)
         return TrainResult(lora, losses, start_step + done, interrupted, notes)
 
     with ctx:
-        if root is not None:
-            flags = [(p, p.requires_grad) for p in root.parameters()]
-            ctx.callback(lambda: [p.requires_grad_(f) for p, f in flags])
-            root.requires_grad_(False)
+        for module in (root, extras.te_root if te_adapters else None):
+            if module is not None:
+                flags = [(p, p.requires_grad) for p in module.parameters()]
+                ctx.callback(lambda flags=flags: [p.requires_grad_(f) for p, f in flags])
+                module.requires_grad_(False)
         ctx.enter_context(ad.Installed(targets, adapters))
+        if te_adapters:
+            ctx.enter_context(ad.Installed(extras.te_targets, te_adapters))
         if config.gradient_checkpointing:
             blocks = checkpoint_blocks if checkpoint_blocks is not None else (
                 blocks_to_checkpoint(root, targets) if root is not None else [])
             ctx.enter_context(checkpointed(blocks))
         for i in range(config.steps):
             step = start_step + i
+            recipe.set_lr(opt, base_lrs, schedule, step, total)
             try:
-                loss = train_step(adapters, params, opt, dataset, objective, denoise, config, step, device)
+                loss = train_step(adapters, all_params, opt, dataset, objective, denoise, config, step, device, texts)
             except TrainingError as e:
                 raise TrainingError(str(e), result=result()) from None
+            if ema is not None:
+                ema.update(all_params, step + 1)
             done += 1
             losses.append(loss)
+            if extras.on_sample is not None and config.sample_every_n_steps and (step + 1) % config.sample_every_n_steps == 0:
+                with recipe.ema_weights(ema, all_params), torch.no_grad():
+                    extras.on_sample(step + 1)
+            if extras.on_save is not None and config.save_every_n_steps and (step + 1) % config.save_every_n_steps == 0:
+                extras.on_save(result())
             if on_step is not None and on_step(i + 1, config.steps, loss):
                 interrupted = True
                 notes.append(f"interrupted after step {start_step + done}; the LoRA as of that step is returned")
                 break
-    for a in adapters.values():
+    for a in every.values():
         a.requires_grad_(False)
     return result()
 
 
 def train_step(adapters, params, opt, dataset: Dataset, objective: Objective, denoise: Callable,
-               config: TrainConfig, step: int, device: torch.device) -> float:
+               config: TrainConfig, step: int, device: torch.device, texts=None) -> float:
     """One optimizer step over ``grad_accumulation_steps`` micro-batches; returns the mean loss.
-    On a non-finite loss or gradient nothing is updated and TrainingError names the step."""
+    On a non-finite loss or gradient nothing is updated and TrainingError names the step.
+    ``texts`` (recipe.StepTexts) turns conditioning indices into this step's captions."""
     opt.zero_grad(set_to_none=True)
     n = config.grad_accumulation_steps
     autocast = torch.autocast(device.type, dtype=config.training_dtype,
                               enabled=config.training_dtype != torch.float32)
     total = 0.0
-    for bucket, idx, g in batches(dataset, config, step):
+    for bucket, idx, g, micro in batches(dataset, config, step):
         x0 = dataset.buckets[bucket][idx].to(device)
         x_t, sigma, target = objective.draw(x0, g)
         conds = [dataset.conds[bucket][k] for k in idx.tolist()]
+        if texts is not None:
+            conds = texts(conds, step, micro)
         with autocast:
             pred = denoise(x_t, sigma, conds)
-        loss = objective.loss(pred.float(), target.float())
+        loss = objective.batch_loss(pred.float(), target.float(), sigma)
         value = loss.item()
         if not math.isfinite(value):
             opt.zero_grad(set_to_none=True)

@@ -16,9 +16,24 @@ plain-torch schedules below) and its prediction type. Per sample:
 The loss compares the raw network output with that target (not the reconstructed x0, which
 weights every timestep by σ² and washes out the low-noise steps). Latents enter model space
 through the model's latent format (``process_in``) before any of this, on every path.
+
+Two of kohya's recipe options act here (both off by default, which leaves every draw and the
+loss exactly as above):
+
+    noise offset       ε ← ε + o·n, n ~ N(0, 1) per sample and channel (shape (B, C, 1, 1)), with
+                       o = offset + adaptive·|mean of x0 over its spatial axes| (clamped at 0) when
+                       adaptive_noise_scale is set: kohya's apply_noise_offset, in model space
+    min-SNR-γ          each sample's loss × w(σ): kohya's apply_snr_weight with SNR from the
+                       model's own σ (SNR = 1/σ² = ᾱ/(1 − ᾱ) for SD's schedule):
+                         eps   min(SNR, γ) / SNR
+                         v     min(SNR, γ) / (SNR + 1)
+                         flow  min(SNR, γ) / SNR with SNR = ((1 − σ)/σ)², the flow's own signal-to-
+                               noise ratio (kohya applies none to SD3/Flux; this down-weights only
+                               the low-noise steps, SNR > γ, by γ/SNR, and leaves the rest at 1)
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -61,10 +76,41 @@ def target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.
     raise TrainingError(f"prediction type {prediction!r} cannot be trained; supported: {', '.join(PREDICTIONS)}")
 
 
+def snr(prediction: str, sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
+    """Signal-to-noise ratio of x_t at σ: (σ_data/σ)² for SD's x_t = x0 + σ·ε (= ᾱ/(1 − ᾱ)),
+    ((1 − σ)/σ)² for rectified flow's x_t = (1 − σ)·x0 + σ·ε."""
+    s = sigma.double()
+    if prediction == "flow":
+        return ((1.0 - s) / s) ** 2
+    return (sigma_data / s) ** 2
+
+
+def min_snr_weight(prediction: str, sigma: torch.Tensor, gamma: float, sigma_data: float = 1.0) -> torch.Tensor:
+    """kohya's apply_snr_weight as a per-sample factor (float32, shaped like ``sigma``)."""
+    r = snr(prediction, sigma, sigma_data)
+    if prediction == "v":
+        w = torch.clamp(r, max=gamma) / (r + 1.0)
+    else:   # min(SNR, γ)/SNR written as min(1, γ/SNR): 1 (not 0/0) where SNR = 0 (flow at σ = 1)
+        w = torch.clamp(gamma / r, max=1.0)
+    return w.float()
+
+
+def offset_noise(x0: torch.Tensor, noise: torch.Tensor, offset: float, adaptive: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """kohya's apply_noise_offset: a per-sample, per-channel constant added to the noise."""
+    shape = (*x0.shape[:2], *[1] * (x0.dim() - 2))
+    n = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=noise.device, dtype=noise.dtype)
+    o = offset
+    if adaptive:
+        o = torch.clamp(offset + adaptive * x0.mean(dim=tuple(range(2, x0.dim())), keepdim=True).abs(), min=0.0)
+    return noise + o * n
+
+
 class Objective:
     """Draws (x_t, σ, target) for a batch of clean latents, as the model itself defines them."""
 
-    def __init__(self, sampling, prediction: str, loss: str = "MSE"):
+    def __init__(self, sampling, prediction: str, loss: str = "MSE", *, min_snr_gamma: float = 0.0,
+                 noise_offset: float = 0.0, adaptive_noise_scale: float = 0.0):
         if prediction not in PREDICTIONS:
             raise TrainingError(f"prediction type {prediction!r} cannot be trained; supported: {', '.join(PREDICTIONS)}")
         sigmas = getattr(sampling, "sigmas", None)
@@ -75,6 +121,18 @@ class Objective:
         self.sigmas = sigmas.detach().float().cpu()
         self.sigma_data = float(getattr(sampling, "sigma_data", 1.0))
         self.loss = loss_fn(loss)
+        self.loss_name = loss
+        self.min_snr_gamma = float(min_snr_gamma)
+        self.noise_offset = float(noise_offset)
+        self.adaptive_noise_scale = float(adaptive_noise_scale)
+        if not (math.isfinite(self.min_snr_gamma) and self.min_snr_gamma >= 0):
+            raise TrainingError(f"min_snr_gamma = {min_snr_gamma} must be > 0 (or 0 for off)")
+        if not (math.isfinite(self.noise_offset) and self.noise_offset >= 0):
+            raise TrainingError(f"noise_offset = {noise_offset} must be ≥ 0 (0 for off)")
+        if not math.isfinite(self.adaptive_noise_scale):
+            raise TrainingError(f"adaptive_noise_scale = {adaptive_noise_scale} must be a finite number")
+        if self.adaptive_noise_scale and not self.noise_offset:
+            raise TrainingError("adaptive_noise_scale needs a noise_offset > 0 (as in kohya)")
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_t, σ, target) for clean latents ``x0`` (B, ...); randomness only from ``generator`` (CPU)."""
@@ -83,8 +141,18 @@ class Objective:
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
         sigma = self.sigmas[idx].to(x0.device)
         noise = noise.to(device=x0.device, dtype=x0.dtype)
+        if self.noise_offset:
+            noise = offset_noise(x0, noise, self.noise_offset, self.adaptive_noise_scale, generator)
         x_t = self.sampling.noise_scaling(sigma, noise, x0, False)
         return x_t, sigma, target(self.prediction, x0, noise, sigma, self.sigma_data)
+
+    def batch_loss(self, pred: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The loss of a batch: the plain loss, or with min-SNR-γ the mean of each sample's loss × w(σ)."""
+        if not self.min_snr_gamma:
+            return self.loss(pred, target)
+        per_sample = self.loss(pred, target, reduction="none").flatten(1).mean(dim=1)
+        w = min_snr_weight(self.prediction, sigma, self.min_snr_gamma, self.sigma_data).to(per_sample.device)
+        return (per_sample * w).mean()
 
 
 # ---- plain-torch schedules (no ComfyUI), with the method names ComfyUI's model_sampling uses ----
@@ -135,4 +203,4 @@ def describe(prediction: str) -> str:
 
 
 __all__ = ["LOSSES", "PREDICTIONS", "DiscreteSchedule", "FlowSchedule", "Objective", "describe", "loss_fn",
-           "target"]
+           "min_snr_weight", "offset_noise", "snr", "target"]

@@ -32,16 +32,22 @@ class Resume:
     optimizer: str | None = None
     optimizer_state: dict[str, torch.Tensor] | None = None    # '<target>/<role>/<state key>' -> tensor
     notes: list[str] = field(default_factory=list)
+    ema: dict[str, torch.Tensor] | None = None      # '<target>/<role>' -> the EMA, when the file's tensors are one
 
 
 def load(file: LoraFile, targets: Mapping[str, nn.Module], algorithm: str, arch: str | None) -> Resume:
     """Match ``file`` against the layers being trained; refuse it when it is for another model
-    or another algorithm, naming what differs.
+    or another algorithm, naming what differs. A file whose tensors are an EMA continues from the
+    live factors its header carries, and its tensors seed the EMA.
 
     ``arch``: the model's architecture as metadata names it (a lora.arch variant id or modelspec id).
     """
     name = file.name
     cls = trainable(algorithm)
+    online = file.metadata.get("lora_lab.online_weights")
+    if online:
+        ema_file = file
+        file = LoraFile(file.path, meta.decode_tensors(online, "lora_lab.online_weights", file=name), file.metadata)
     model_arch, model_variant, _ = archs.by_metadata({"lora_lab.architecture": arch} if arch else {})
     file_arch, _, said = archs.by_metadata(file.metadata)
     if model_arch is not None and file_arch is not None and file_arch is not model_arch:
@@ -77,6 +83,9 @@ def load(file: LoraFile, targets: Mapping[str, nn.Module], algorithm: str, arch:
         if problem:
             raise TrainingError(f"existing_lora cannot be continued: {problem}", file=name, key=prefix)
         chosen[target] = a
+    if missing and all(canonical(m).startswith("lora_te") for m in missing):
+        raise TrainingError(f"existing_lora has a text-encoder LoRA ({len(missing)} modules): to continue it, connect "
+                            "clip and set text_encoder_lr > 0", file=name)
     if missing:
         guess = archs.identify(file.tensors, file.metadata).name
         hint = f" (the file looks like {archs.a(guess)} LoRA)" if guess else ""
@@ -94,9 +103,15 @@ def load(file: LoraFile, targets: Mapping[str, nn.Module], algorithm: str, arch:
         r.notes.append(f"{name} records no step count; counting from 0")
     state = file.metadata.get("lora_lab.optimizer_state")
     if state:
-        r.optimizer_state = _current_names(meta.decode_optimizer_state(state, file=name), cls.name)
+        r.optimizer_state = _current_names(meta.decode_tensors(state, "lora_lab.optimizer_state", file=name),
+                                           cls.name)
     else:
         r.notes.append(f"{name} carries no optimizer state; the optimizer starts fresh")
+    if online:
+        r.ema = _param_names(ema_file, chosen.keys())
+    elif file.metadata.get("lora_lab.weights") == "ema":
+        r.notes.append(f"{name} holds EMA weights without the live ones (too large for the header): training "
+                       "continues from the EMA")
     return r
 
 
@@ -117,4 +132,14 @@ def _current_names(state: dict[str, torch.Tensor], algorithm: str) -> dict[str, 
         if len(parts) == 3:
             parts[1] = legacy.get(parts[1], parts[1])
         out["/".join(parts)] = t
+    return out
+
+
+def _param_names(file: LoraFile, targets) -> dict[str, torch.Tensor]:
+    """A file's factors as '<target>/<role>' (the names the loop's parameter table uses)."""
+    out = {}
+    for prefix, adapters in parse(file.tensors, file=file.name, options={"metadata": file.metadata}).modules.items():
+        target = prefix if prefix in targets else canonical(prefix)
+        for a in adapters:
+            out.update({f"{target}/{role}": t for role, t in a.factors().items() if t is not None and role != "alpha"})
     return out

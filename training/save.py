@@ -42,7 +42,10 @@ def save(lora: Mapping[str, torch.Tensor], loras_folder: str, *, subfolder: str 
     path = next_path(folder, parts[-1])
     output_name = os.path.splitext(os.path.basename(path))[0]
     info = getattr(lora, "info", None) or meta.from_keys(lora)
-    state = meta.encode_optimizer_state(getattr(lora, "optimizer_state", None)) if optimizer_state else None
-    header = meta.build(info, output_name=output_name, trigger_words=trigger_words, optimizer_state=state)
+    online = meta.encode_tensors(getattr(lora, "online_weights", None)) if optimizer_state else None
+    budget = meta.MAX_OPTIMIZER_STATE - len(online or "")
+    state = meta.encode_tensors(getattr(lora, "optimizer_state", None), budget) if optimizer_state else None
+    header = meta.build(info, output_name=output_name, trigger_words=trigger_words, optimizer_state=state,
+                        online_weights=online)
     write(path, dict(lora), header)
     return path, os.path.relpath(path, loras_folder).replace(os.sep, "/")

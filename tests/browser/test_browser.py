@@ -4,6 +4,7 @@ red when no key matched). Screenshots go to $TMPDIR/loralab-browser/ (printed wi
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -97,3 +98,53 @@ def test_report_in_nodes_2_mode(page, srv):
         assert not ui.our_errors(page), ui.our_errors(page)
     finally:
         ui.settings(srv)
+
+
+def _folder_workflow(folder: str) -> dict:
+    """example_workflows/train_from_folder.json, made short for a CPU: 2 steps, a sample at step 2."""
+    with open(os.path.join(server.REPO_ROOT, "example_workflows", "train_from_folder.json")) as fh:
+        wf = json.load(fh)
+    nodes = {n["type"]: n for n in wf["nodes"]}
+    nodes["LoraLabTrainingDataset"]["widgets_values"][0] = folder
+    train = nodes["LoraLabTrainLoraNode"]["widgets_values"]
+    train[2] = 2                                                        # steps
+    train[-4:] = [0, "LoRA-Lab/checkpoints/browser", 2, "sks, white square --s 2 --w 64 --h 64"]
+    nodes["KSampler"]["widgets_values"][0] = int.from_bytes(os.urandom(4), "little")
+    nodes["KSampler"]["widgets_values"][2] = 2
+    return wf
+
+
+SAMPLE_SHOWN = """(id) => {
+  const node = app.graph.getNodeById(id);
+  const out = app.nodeOutputs?.[String(id)] ?? null;
+  const imgs = node?.imgs ?? [];
+  return {outputs: out?.images?.length ?? 0, drawn: imgs.filter(i => i.complete && i.naturalWidth > 0).length};
+}"""
+
+
+def test_train_from_folder_shows_the_dataset_report_and_the_sample(page, srv):
+    from support.datasets import kohya_folder
+
+    folder = "browser_dataset"
+    kohya_folder(os.path.join(srv.base, "input", folder))
+    page.goto(srv.url, wait_until="domcontentloaded")
+    page.wait_for_function(READY, timeout=90_000)
+    ui.dismiss_banners(page)
+    wf = _folder_workflow(folder)
+    ids = {n["type"]: n["id"] for n in wf["nodes"]}
+    page.evaluate("async (wf) => { await app.loadGraphData(wf); await app.queuePrompt(0); return true; }", wf)
+    page.wait_for_function(f"() => ({REPORT_OF})({ids['LoraLabTrainingDataset']})?.text?.includes('images')",
+                           timeout=300_000)
+    report = page.evaluate(REPORT_OF, ids["LoraLabTrainingDataset"])
+    assert "4 images, 7 samples with repeats" in report["text"] and report["visible"], report
+    assert not report["warn"], "a dataset report is not a LoRA with 0 keys matched"
+    train = ids["LoraLabTrainLoraNode"]
+    page.wait_for_function(f"() => ({SAMPLE_SHOWN})({train}).drawn > 0", timeout=600_000)
+    shown = page.evaluate(SAMPLE_SHOWN, train)
+    assert shown["drawn"] == 1, shown
+    ui.wait_idle(srv, 600)
+    page.evaluate(f"() => {{ const n = app.graph.getNodeById({train}); app.canvas.centerOnNode?.(n); "
+                  "app.canvas.setDirty(true, true); }")
+    page.wait_for_timeout(800)
+    ui.shot(page, "train_from_folder.png")
+    assert not ui.our_errors(page), ui.our_errors(page)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 
-from browser.test_browser import READY, _our_errors, _shot, page, srv  # noqa: F401  (page, srv: fixtures)
+import browser_ui as ui
+from browser_ui import READY
 from support import server
 
-WORKFLOW = os.path.join(server.REPO_ROOT, "example_workflows", "train_then_sample.json")
+WORKFLOW = ui.TRAIN_WORKFLOW
 
 LOAD_AND_READ = """async (wf) => {
   await app.loadGraphData(wf);
@@ -34,5 +35,5 @@ def test_a_workflow_saved_with_a_lowercase_algorithm_loads_with_the_core_name(pa
     assert got["value"] == "LoHa" and got["queued"] == "LoHa", got
     assert "LoHa" in got["saved"] and "loha" not in got["saved"], got
     page.wait_for_timeout(300)
-    _shot(page, "train_algorithm_migrated.png")
-    assert not _our_errors(page), _our_errors(page)
+    ui.shot(page, "train_algorithm_migrated.png")
+    assert not ui.our_errors(page), ui.our_errors(page)

@@ -87,8 +87,8 @@ def test_inputs_are_named_ranged_and_defaulted_as_documented(pack):
     assert req["algorithm"][1]["default"] == "LoRA"
     assert req["gradient_checkpointing"][1]["default"] is True
     assert req["existing_lora"][0][0] == "[None]" and req["existing_lora"][1]["default"] == "[None]"
-    assert cls.RETURN_TYPES == ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT")
-    assert cls.RETURN_NAMES == ("model_with_lora", "lora", "loss", "steps")
+    assert cls.RETURN_TYPES == ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT", "CLIP")
+    assert cls.RETURN_NAMES == ("model_with_lora", "lora", "loss", "steps", "clip_with_lora")
     assert pack.NODE_DISPLAY_NAME_MAPPINGS["LoraLabTrainLoraNode"] == "Train LoRA (LoRA Lab)"
 
 
@@ -114,7 +114,7 @@ def test_every_input_and_output_has_a_tooltip(pack, node):
 
 # ---- training through the node --------------------------------------------------------------------
 def test_trains_and_returns_a_plain_state_dict_with_kohya_names(trained, sd15):
-    model, lora, loss, steps = trained
+    model, lora, loss, steps, _ = trained
     assert steps == 2 and len(loss["loss"]) == 2
     assert isinstance(lora, dict) and all(isinstance(v, torch.Tensor) for v in lora.values())
     assert all(k.startswith("lora_unet_") for k in lora)
@@ -142,9 +142,9 @@ def test_same_inputs_give_the_same_lora_bit_for_bit(pack, sd15, cond, trained):
 
 def test_single_latent_list_of_sizes_and_bf16(pack, sd15, cond):
     """Core 0.3.75 crashes on a single LATENT; a list of latents of different sizes is bucketed."""
-    _, lora, _, steps = train(pack, sd15, cond, latents=[latent(1)], steps=1, batch_size=1)
+    _, lora, _, steps, _ = train(pack, sd15, cond, latents=[latent(1)], steps=1, batch_size=1)
     assert steps == 1 and lora
-    _, lora, loss, _ = train(pack, sd15, cond, latents=[latent(1, 4, 4), latent(2, 4, 6, seed=1)], steps=1,
+    _, lora, loss, _, _ = train(pack, sd15, cond, latents=[latent(1, 4, 4), latent(2, 4, 6, seed=1)], steps=1,
                              training_dtype="bf16", lora_dtype="bf16", gradient_checkpointing=True)
     assert all(v.dtype == torch.bfloat16 for k, v in lora.items() if not k.endswith(".alpha"))
     assert all(torch.isfinite(torch.tensor(loss["loss"])))
@@ -156,9 +156,9 @@ def test_latents_enter_model_space_through_the_latent_format(pack, sd15, cond, m
     seen = {}
     real = loop.make_dataset
 
-    def spy(latents, n_conds, process_in=None):
+    def spy(latents, n_conds, process_in=None, *rest):
         seen["process_in"] = process_in
-        return real(latents, n_conds, process_in)
+        return real(latents, n_conds, process_in, *rest)
 
     monkeypatch.setattr(loop, "make_dataset", spy)
     train(pack, sd15, cond, latents=[latent(1, 4, 4), latent(1, 4, 6)], steps=1, batch_size=1)
@@ -182,7 +182,7 @@ def test_prediction_type_follows_the_models_sampling(pack, sd15):
 def test_every_algorithm_trains_and_core_loads_it_completely(pack, sd15, cond, algorithm, caplog):
     import comfy.sd
 
-    _, lora, _, steps = train(pack, sd15, cond, latents=[latent(1)], steps=1, batch_size=1, algorithm=algorithm)
+    _, lora, _, steps, _ = train(pack, sd15, cond, latents=[latent(1)], steps=1, batch_size=1, algorithm=algorithm)
     assert steps == 1
     with caplog.at_level(logging.WARNING):
         m, _ = comfy.sd.load_lora_for_models(sd15.model, None, lora, 1.0, 0)
@@ -204,7 +204,7 @@ def test_interrupt_stops_within_one_step_and_returns_the_lora(pack, sd15, cond):
 
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
-        _, lora, loss, steps = train(pack, sd15, cond, latents=[latent(1)], steps=5, batch_size=1)
+        _, lora, loss, steps, _ = train(pack, sd15, cond, latents=[latent(1)], steps=5, batch_size=1)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     assert steps == 1 and len(loss["loss"]) == 1 and updates == [1]
@@ -312,7 +312,7 @@ def test_resume_through_the_nodes_counts_steps_from_metadata(pack, sd15, cond, t
     renamed = os.path.join(os.path.dirname(src), "no_steps_in_this_name.safetensors")
     os.rename(src, renamed)
     comfy.folder_paths.filename_list_cache.clear()
-    _, lora, _, steps = train(pack, sd15, cond, steps=1, existing_lora="trained/no_steps_in_this_name.safetensors")
+    _, lora, _, steps, _ = train(pack, sd15, cond, steps=1, existing_lora="trained/no_steps_in_this_name.safetensors")
     assert steps == 3
 
 
@@ -327,17 +327,13 @@ def test_existing_lora_for_another_algorithm_is_refused(pack, sd15, cond, traine
 def test_save_into_a_folder_that_is_not_writable_leaves_nothing(pack, comfy, trained, monkeypatch):
     from loralab.lora.errors import LoraError
     import safetensors.torch
+    from support.faults import disk_full_save_file
 
     folder = os.path.join(comfy.loras_dir, "trained")
     os.makedirs(folder, exist_ok=True)
     before = set(os.listdir(folder))
 
-    def disk_full(tensors, path, metadata=None):
-        with open(path, "wb") as fh:
-            fh.write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_save_file)
     with pytest.raises(LoraError, match="No space left"):
         save_node(pack, trained[1])
     assert set(os.listdir(folder)) == before

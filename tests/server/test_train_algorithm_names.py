@@ -12,7 +12,7 @@ from support import server
 
 pytestmark = pytest.mark.server
 
-WORKFLOW = os.path.join(server.REPO_ROOT, "example_workflows", "train_then_sample.json")
+WORKFLOW = os.path.join(server.REPO_ROOT, "example_workflows", "Train a LoRA, save it, load it and sample.json")
 
 
 @pytest.fixture(scope="session")

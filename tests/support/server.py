@@ -5,9 +5,11 @@ Layout of a server's base directory (``--base-directory``: nothing touches the C
     <base>/custom_nodes/ComfyUI-LoRA-Lab -> the repo root (how users install the pack)
     <base>/models/checkpoints/loralab_demo_tiny_sd15.safetensors   the tiny SD1.5 (hard link to the cache)
     <base>/models/loras/loralab_demo/tiny_sd15_demo_lora.safetensors   a kohya LoRA for it, in a subfolder
+    <base>/input/loralab_demo_dataset/   a few captioned images in kohya's layout (support/datasets.py)
     <base>/output, input, temp, user, comfyui.log
 
-``example_workflows/Load a LoRA and sample.json`` names exactly these two files.
+``example_workflows/Load a LoRA and sample.json`` names exactly these two files;
+``example_workflows/train_from_folder.json`` the dataset folder.
 
     base = prepare_base(tmp, checkpoint_src)
     with ComfyServer(base) as srv:            # starts, waits for /object_info; stop() kills the group
@@ -32,12 +34,13 @@ import uuid
 
 import requests
 
-from . import checkpoints, lorafiles
+from . import checkpoints, datasets, lorafiles
 from .comfy_env import REPO_ROOT, comfy_dir
 
 PACK_DIR_NAME = "ComfyUI-LoRA-Lab"
 DEMO_CHECKPOINT = "loralab_demo_tiny_sd15.safetensors"
 DEMO_LORA = "loralab_demo/tiny_sd15_demo_lora.safetensors"
+DEMO_DATASET = "loralab_demo_dataset"
 EXAMPLE_WORKFLOW = os.path.join(REPO_ROOT, "example_workflows", "Load a LoRA and sample.json")
 LORA_NODES = ("LoraLabLoadLoRA", "LoraLabLoraLoaderModelOnly")
 
@@ -111,6 +114,11 @@ def prepare_base(base: str, checkpoint_src: str, *, pack_dir: str = REPO_ROOT) -
         tmp = lora + ".partial"
         write_demo_lora(tmp, ckpt)
         os.replace(tmp, lora)
+    dataset = os.path.join(base, "input", DEMO_DATASET)
+    if not os.path.isdir(dataset):
+        tmp = dataset + ".partial"
+        datasets.kohya_folder(tmp)
+        os.replace(tmp, dataset)
     return base
 
 

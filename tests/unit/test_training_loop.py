@@ -12,21 +12,9 @@ import torch
 from loralab.lora.io import read
 from loralab.training import loop, objective, resume, save
 from loralab.training.errors import TrainingError
+from support.siblings import sibling
 
-def _sibling(name: str):
-    """Import a helper module next to this file (pytest runs with --import-mode=importlib)."""
-    import importlib.util
-    import os
-    import sys
-
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), name + ".py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-Rig = _sibling("test_training_model").Rig
+Rig = sibling(__file__, "test_training_model").Rig
 
 ALGOS = ["lora", "loha", "lokr", "oft"]
 

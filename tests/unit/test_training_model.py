@@ -105,10 +105,13 @@ class Rig:
         base.update(kw)
         return self._loop.TrainConfig(**base)
 
+    LOOP_ARGS = ("te_targets", "te_root", "on_save", "on_sample", "can_encode_text")
+
     def train(self, resume=None, on_step=None, loss="MSE", denoise=None, **kw):
+        extra = {k: kw.pop(k) for k in self.LOOP_ARGS if k in kw}
         return self._loop.train(targets=self.targets, denoise=denoise or self.denoise, objective=self.objective(loss),
                                 dataset=self.dataset(), config=self.config(**kw), resume=resume,
-                                root=self.model, on_step=on_step)
+                                root=self.model, on_step=on_step, **extra)
 
     def eval_loss(self, lora=None, algorithm="lora", draws: int = 6) -> float:
         """Mean MSE over fixed (noise, σ) draws for every sample, with ``lora``'s factors applied."""

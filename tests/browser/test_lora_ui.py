@@ -97,7 +97,10 @@ def test_lora_browser_tree_search_and_info_panel(page, srv, ui_loras):
     page.mouse.click(*ui.widget_point(page, nid, "lora_name"))
     page.wait_for_selector(".loralab-picker", timeout=5_000)
     rows = page.evaluate(ROWS)
-    assert rows[:3] == ["folder:characters", "file:characters/alice.safetensors", "file:characters/big_tags.safetensors"], rows
+    # the session server is shared with tests/server, whose files may sit beside ours: look at our folder
+    at = rows.index("folder:characters")
+    assert rows[at:at + 3] == ["folder:characters", "file:characters/alice.safetensors",
+                               "file:characters/big_tags.safetensors"], rows
     assert "folder:styles" in rows and "folder:styles/watercolor" not in rows        # closed folders hide theirs
     assert "file:" + server.DEMO_LORA not in rows and "folder:loralab_demo" in rows
     base = _panel_for(page, "alice")["rows"]["Base model"]
@@ -169,7 +172,9 @@ def test_lora_autocomplete_in_a_prompt_box(page, srv, ui_loras):
     page.keyboard.type(" <lora:")
     page.wait_for_selector(".loralab-ac .loralab-row")
     listed = page.locator(".loralab-ac .loralab-label").all_text_contents()
-    assert {"alice", "big_tags", "ink_sketch", "watercolor_v2", "tiny_sd15_demo_lora"} <= set(listed), listed
+    assert {"alice", "ink_sketch", "watercolor_v2", "tiny_sd15_demo_lora"} <= set(listed), listed
+    # a file of the same stem elsewhere (tests/server shares this server) makes the tag name the path
+    assert "big_tags" in listed or "characters/big_tags" in listed, listed
     page.locator(".loralab-ac .loralab-row", has_text="alice").click()
     assert page.evaluate(text) == "a lighthouse, <lora:watercolor_v2:1> <lora:alice:1>"
 
@@ -307,20 +312,6 @@ def test_old_workflows_with_the_bypass_flag_still_load_and_run(page, srv):
     assert not ui.our_errors(page), ui.our_errors(page)
 
 
-def _checkpoint_detection_merged() -> bool:
-    """The architecture work that makes the report say a file is a checkpoint lives on another
-    branch; this test fails (strict xfail) until it is merged, then runs as a normal test."""
-    pack = server.REPO_ROOT
-    for path in glob.glob(os.path.join(pack, "lora", "**", "*.py"), recursive=True) + \
-            glob.glob(os.path.join(pack, "nodes", "*.py")):
-        with open(path, encoding="utf-8") as fh:
-            if "checkpoint, not a LoRA" in fh.read():
-                return True
-    return False
-
-
-@pytest.mark.xfail(not _checkpoint_detection_merged(), strict=True,
-                   reason="the report's checkpoint diagnosis is another branch's (lora/arch.py); not merged yet")
 def test_a_checkpoint_in_loras_says_it_is_a_checkpoint(page, srv):
     ckpt = os.path.join(srv.base, "models", "checkpoints", server.DEMO_CHECKPOINT)
     name = "dropped_here/" + server.DEMO_CHECKPOINT

@@ -129,7 +129,7 @@ def test_files_saved_before_the_unified_adapters_resume_with_their_optimizer_sta
     assert res.steps == 2 and not any("fresh" in n for n in res.notes)
     params = loop.param_table(ad.create_adapters(rig.targets, algo, 0, 0.0, 0, torch.float32, res.adapters))
     opt = loop.make_optimizer(params, rig.config(algorithm=algo), res.optimizer_state)
-    stored = metadata.decode_optimizer_state(f.metadata["lora_lab.optimizer_state"])
+    stored = metadata.decode_tensors(f.metadata["lora_lab.optimizer_state"], "lora_lab.optimizer_state")
     assert len(stored) == 3 * len(params)                 # step, exp_avg, exp_avg_sq for every parameter
     old_role = {new: old for old, new in ad.LEGACY_ROLES[ad.trainable(algo).name].items()}
     for pname, p in params.items():

@@ -224,3 +224,15 @@ def frame(page, node_ids, scale: float = 0.75) -> None:
       app.canvas.setDirty(true, true);
     }""", [list(node_ids), scale])
     page.wait_for_timeout(500)
+
+
+def pan_to(page, element_js: str) -> None:
+    """Pan the canvas so the DOM element ``element_js`` evaluates to sits mid-screen (Vue nodes taller
+    than the viewport put widgets off screen, where Playwright cannot click them)."""
+    page.evaluate(f"""() => {{
+      const el = {element_js};
+      const r = el.getBoundingClientRect(), ds = app.canvas.ds;
+      ds.offset[1] -= (r.top + r.height / 2 - window.innerHeight / 2) / ds.scale;
+      app.canvas.setDirty(true, true);
+    }}""")
+    page.wait_for_timeout(300)

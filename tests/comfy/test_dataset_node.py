@@ -184,7 +184,7 @@ def test_dataset_feeds_the_train_node_with_captions_varied_per_step(pack, sd15, 
                 existing_lora=["[None]"], clip=[sd15.clip])
     with torch.inference_mode():
         out = node.train(**args)
-    lora = out[1]
+    lora = out["result"][1]
     assert lora.info["caption_variants_per_step"] is True and lora.info["num_samples"] == 7
     assert lora.info["dataset"]["dataset_dirs"]["2_sks square"]["n_repeats"] == 2
 
@@ -206,4 +206,5 @@ def test_core_dataset_nodes_still_feed_the_train_node(pack, sd15, folder):
                          grad_accumulation_steps=[1], steps=[1], learning_rate=[1e-3], rank=[4], optimizer=["AdamW"],
                          loss_function=["MSE"], seed=[0], training_dtype=["fp32"], lora_dtype=["fp32"],
                          algorithm=["lora"], gradient_checkpointing=[False], existing_lora=["[None]"])
-    assert out[3] == 1 and out[1] and out[1].info["num_samples"] == 3
+    result = out["result"]
+    assert result[3] == 1 and result[1] and result[1].info["num_samples"] == 3

@@ -4,14 +4,17 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?= -q
 
-.PHONY: all bootstrap test demo serve bench
+.PHONY: all bootstrap lint test demo serve bench
 
 all: test
 
 bootstrap:
 	bash scripts/bootstrap.sh
 
-test: bootstrap
+lint: bootstrap
+	.venv/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: bootstrap

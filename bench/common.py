@@ -58,7 +58,7 @@ def run_job(module: str, job: str, spec: dict, *, timeout: float = 900, log_dir:
                 proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_child_env(), stdout=log,
                                       stderr=subprocess.STDOUT, timeout=timeout)
             except subprocess.TimeoutExpired:
-                raise BenchError(f"{module}/{job} ({spec.get('label')}) ran past {timeout:.0f} s; log: {log_path}")
+                raise BenchError(f"{module}/{job} ({spec.get('label')}) ran past {timeout:.0f} s; log: {log_path}") from None
         if proc.returncode != 0 or not os.path.isfile(out_path):
             with open(log_path) as fh:
                 tail = "".join(fh.readlines()[-30:])

@@ -152,11 +152,11 @@ def match(parsed: Parsed, key_map: Mapping[str, Any], *, file: str, n_file_keys:
             if not (skip and canonical(prefix).startswith(skip)):
                 m.unmatched.append(prefix)
             continue
-        for a in adapters:
-            k = key if a.target == "weight" else bias_key(key)
+        for adapter in adapters:
+            k = key if adapter.target == "weight" else bias_key(key)
             if k is None:
-                raise LoraError(f"{a.name} changes a bias but target {key!r} has none", file=file, key=prefix)
-            m.targets.append(Target(k, a, prefix))
+                raise LoraError(f"{adapter.name} changes a bias but target {key!r} has none", file=file, key=prefix)
+            m.targets.append(Target(k, adapter, prefix))
         m.n_matched_keys += len(parsed.keys[prefix])
     return m
 

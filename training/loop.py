@@ -125,7 +125,7 @@ def make_dataset(latents: Sequence[torch.Tensor], n_conds: int,
     for i, s in enumerate(samples):
         by_shape.setdefault(tuple(s.shape), []).append(i)
     buckets, conds = [], []
-    for shape, idx in by_shape.items():
+    for idx in by_shape.values():
         b = torch.stack([samples[i] for i in idx]).float()
         if process_in is not None:
             b = process_in(b).float()

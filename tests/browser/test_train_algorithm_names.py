@@ -4,11 +4,9 @@ not show a value its list lacks, and saving or queueing it carries the new name 
 from __future__ import annotations
 
 import json
-import os
 
 import browser_ui as ui
 from browser_ui import READY
-from support import server
 
 WORKFLOW = ui.TRAIN_WORKFLOW
 

@@ -71,7 +71,7 @@ def case_file(comfy, tiny_sd15, name: str) -> tuple[str, dict[str, torch.Tensor]
         prefix = "lora_unet_" + path.replace(".", "_")
         if name in CUSTOM:
             g = M.gen(f"{name}/{kind}")
-            part = {prefix + s: t for s, t in CUSTOM[name](shape, lambda *sh: torch.randn(*sh, generator=g) * 0.3).items()}
+            part = {prefix + s: t for s, t in CUSTOM[name](shape, lambda *sh, g=g: torch.randn(*sh, generator=g) * 0.3).items()}
         else:
             part = M.state_dict(case, kind, prefix, shape)
             if name == "lokr_both_lowrank" and kind == "conv":   # LyCORIS stores conv w2_b flattened

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 
 import pytest
@@ -103,7 +102,7 @@ def _algo_files():
         "lora": (_lora(), {}, "LoRA", 4),
         "locon": ({**_lora(), **_lora("lora_unet_conv", conv=True)}, {}, "LoCon", 4),
         "dylora": (_lora(rank=8), {"ss_network_module": "networks.dylora"}, "DyLoRA", 8),
-        "dora": ({**_lora(), f"lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale": _z(8, 1)}, {}, "LoRA (DoRA)", 4),
+        "dora": ({**_lora(), "lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale": _z(8, 1)}, {}, "LoRA (DoRA)", 4),
         "peft": ({"unet.a.to_q.lora_A.weight": _z(12, 6), "unet.a.to_q.lora_B.weight": _z(8, 12)},
                  {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 6, "unet.r": 12})}, "LoRA", 12),
         "loha": ({f"{p}.hada_w1_a": _z(8, 2), f"{p}.hada_w1_b": _z(2, 6), f"{p}.hada_w2_a": _z(8, 2),

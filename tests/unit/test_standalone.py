@@ -38,7 +38,7 @@ def test_kohya_lora_onto_plain_module_with_ldm_names(tmp_path):
     diff_sd = UNet2DConditionModel(**COMMON, **UNETS["sd-like"]).state_dict()
     ldm = {k: v.clone() for k, v in to_ldm(diff_sd).items()}
     module = torch.nn.Module()
-    for i, (k, v) in enumerate(ldm.items()):
+    for i, v in enumerate(ldm.values()):
         module.register_parameter(f"p{i}", torch.nn.Parameter(v))
     names = {k: f"p{i}" for i, k in enumerate(ldm)}
     target = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"

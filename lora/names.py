@@ -76,9 +76,12 @@ class Found:
 
 def _steps(aliases: Aliases):
     """(how, key of a listed name, compare) in resolution order; aliases read only when reached."""
+    table: list = []
+
     def alias_of(n):
-        table = aliases() if callable(aliases) else aliases
-        return (table or {}).get(n)
+        if not table:     # the table once, when the alias steps are reached
+            table.append((aliases() if callable(aliases) else aliases) or {})
+        return table[0].get(n)
 
     yield "name", _norm, str.__eq__
     yield "path", _no_ext, str.__eq__

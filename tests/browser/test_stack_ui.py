@@ -19,7 +19,8 @@ DEMO, INK, DETAIL = (server.DEMO_LORA, *server.DEMO_STACK_LORAS)
 ROWS = "(id) => JSON.parse(app.graph.getNodeById(id).widgets.find(w => w.name === 'rows').value)"
 WIDGETS = """(id) => { const n = app.graph.getNodeById(id);
   return Object.fromEntries(n.widgets.filter(w => w.serialize !== false).map(w => [w.name, w.value])); }"""
-EDITOR_ROWS = """(id) => [...app.graph.getNodeById(id).loralabRows.el.querySelectorAll('.loralab-srow')].map(r => ({name: r.querySelector('.loralab-pick').textContent, on: r.querySelector('.loralab-on').checked,
+EDITOR_ROWS = """(id) => [...app.graph.getNodeById(id).loralabRows.el.querySelectorAll('.loralab-srow')].map(r => ({
+  name: r.querySelector('.loralab-pick').textContent, on: r.querySelector('.loralab-on').checked,
               strength: r.querySelector('.loralab-sm').value}))"""
 
 
@@ -38,7 +39,8 @@ def _new_stack_in_example(page) -> int:
     page.evaluate("async (wf) => { await app.loadGraphData(wf); }", wf)
     return page.evaluate("""() => {
       const old = app.graph.getNodeById(2);
-      const links = old.outputs.map(o => (o.links ?? []).map(id => app.graph.links[id]).map(l => [l.origin_slot, l.target_id, l.target_slot]));
+      const links = old.outputs.map(o => (o.links ?? []).map(id => app.graph.links[id])
+        .map(l => [l.origin_slot, l.target_id, l.target_slot]));
       const ckpt = app.graph.getNodeById(1);
       const n = LiteGraph.createNode('LoraLabLoraStack');
       n.pos = [old.pos[0], old.pos[1]];
@@ -46,7 +48,9 @@ def _new_stack_in_example(page) -> int:
       app.graph.add(n);
       n.setSize([460, 560]);
       ckpt.connect(0, n, 0); ckpt.connect(1, n, 1);
-      for (const out of links) for (const [slot, target, tslot] of out) n.connect(slot, app.graph.getNodeById(target), tslot);
+      for (const out of links) {
+        for (const [slot, target, tslot] of out) n.connect(slot, app.graph.getNodeById(target), tslot);
+      }
       const r = app.canvas.canvas.getBoundingClientRect();
       app.canvas.ds.scale = 1;
       app.canvas.ds.offset = [r.width / 2 - n.pos[0] - 230, 70 - n.pos[1]];
@@ -152,7 +156,8 @@ def test_tag_highlighting_marks_names_that_do_not_resolve(page, srv):
     geometry = page.evaluate("""() => { const ta = document.querySelector('textarea.loralab-tag-text');
       const bd = ta.parentElement.querySelector('.loralab-tag-backdrop');
       const a = ta.getBoundingClientRect(), b = bd.getBoundingClientRect();
-      return [Math.abs(a.left - b.left), Math.abs(a.top - b.top), Math.abs(a.height - b.height), bd.scrollTop - ta.scrollTop]; }""")
+      return [Math.abs(a.left - b.left), Math.abs(a.top - b.top), Math.abs(a.height - b.height),
+              bd.scrollTop - ta.scrollTop]; }""")
     assert all(abs(v) <= 1 for v in geometry), geometry
     ui.shot(page, "prompt_tag_highlighting.png")
 
@@ -161,5 +166,6 @@ def test_tag_highlighting_marks_names_that_do_not_resolve(page, srv):
       ta.value = ta.value.replace({json.dumps(bad)}, '<lora:tiny_sd15_fine_detail:1>');
       ta.dispatchEvent(new Event('input', {{bubbles: true}})); }}""")
     page.wait_for_function(f"() => ({marks})().filter(m => m[0] === 'loralab-tag-bad').length === 1", timeout=15_000)
-    assert page.evaluate(f"() => app.graph.getNodeById({nid}).widgets.find(w => w.name === 'text').value").count("<lora:") == 4
+    text = page.evaluate(f"() => app.graph.getNodeById({nid}).widgets.find(w => w.name === 'text').value")
+    assert text.count("<lora:") == 4 and "no_such_lora_anywhere" not in text, text
     assert not ui.our_errors(page), ui.our_errors(page)

@@ -13,7 +13,6 @@ import os
 import random
 
 import pytest
-import torch
 
 from tolerances import rel_err
 

@@ -207,7 +207,7 @@ def main(argv: list[str]) -> int:
             for run in res["runs"]:
                 x = _summary(run)
                 print(f"  {run['case']:<8} {run['impl']:<5} " + " ".join(f"{t:.3f}" for t in x["times"]) +
-                      f" s (peak d {x['peak_delta'] / GIB:+.2f} GiB)", flush=True)
+                      f" s, CPU {x['cpu']:.2f} s (peak d {x['peak_delta'] / GIB:+.2f} GiB)", flush=True)
             results.append(res)
     except BenchError as e:
         print(f"bench stack: {e}", file=sys.stderr)

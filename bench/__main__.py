@@ -12,6 +12,7 @@ import sys
 BENCHMARKS = {
     "load": "LoRA application time and memory: core LoraLoader vs LoraLabLoadLoRA (first, strength change, stacks)",
     "bypass": "sampling overhead per step, bypass vs merged weights",
+    "stack": "10 LoRAs: 10 chained core LoraLoaders vs one LoraLabLoraStack; one row's strength change (forward pass)",
     "train": "training steps/s vs core TrainLoraNode",
     "dataset": "encoding a folder of captioned images: core's dataset nodes vs ours, cold and warm cache",
 }

@@ -35,7 +35,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
+
+from .blocks import FLUX_DIT, SD_UNET, SDXL_UNET, Blocks   # block layouts for per-block weights (lora/blocks.py)
 
 # ---- constants the entries use --------------------------------------------------------------------
 SD_KEYS = "sd_keys"     # key map: lora.sd_keys.model_key_map works without ComfyUI (SD1.x, SD2.x, SDXL)
@@ -58,21 +60,6 @@ class Probe:
     pattern: str
     widths: frozenset[int] = frozenset()
     what: str = "width"        # how messages call the width ("context width", "hidden width")
-
-
-@dataclass(frozen=True)
-class Blocks:
-    """Block layout for per-block weights (A1111 LoRA Block Weight). Not filled yet: the block-weights
-    work fills ``Arch.blocks`` per architecture with:
-
-    ``names``  the ordered block names as LBW presets count them, e.g. SD1.5's 17:
-               ``("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", "OUT03", ..., "OUT11")``
-               (for DiTs: ``("BASE", "D00", ..., "D18", "S00", ..., "S37")`` style names);
-    ``of``     a module's flat name (see the module docstring; kohya, ComfyUI or diffusers naming all
-               arrive flat) -> its block name, or None for a module in no block.
-    """
-    names: tuple[str, ...]
-    of: Callable[[str], str | None]
 
 
 @dataclass(frozen=True, eq=False, repr=False)   # entries are singletons: compared and hashed by identity
@@ -127,7 +114,7 @@ class Arch:
     ``sizes``     width -> size label users know ("14B").
     ``key_map``   SD_KEYS (our standalone map, ``lora.sd_keys.model_key_map``) or COMFY (ComfyUI's
                   ``comfy.lora.model_lora_keys_unet/clip``; only the nodes layer may call it).
-    ``blocks``    see :class:`Blocks` (None until block weights are done for this family).
+    ``blocks``    the block layout for per-block weights (``lora.blocks.Blocks``); None: none defined.
     """
     id: str
     name: str
@@ -206,7 +193,7 @@ _NOT_FLUX1 = _HUNYUAN_ONLY + (r"transformer_blocks_(19|[2-9]\d)_", r"single_tran
 _DIT_WIDTH = r"(double_blocks_\d+_img_attn_qkv|transformer_blocks_\d+_attn_to_q|single_transformer_blocks_\d+_attn_to_q)$"
 
 ARCHS: tuple[Arch, ...] = (
-    Arch("sd1", "SD1.5", names=_UNET, key_map=SD_KEYS, implementation=IMPL_DIFFUSERS,
+    Arch("sd1", "SD1.5", names=_UNET, key_map=SD_KEYS, implementation=IMPL_DIFFUSERS, blocks=SD_UNET,
          probes=(Probe(_ATTN2, frozenset({768}), "text-context width"),
                  Probe(_TE_Q, frozenset({768}), "text-encoder width")),
          excludes=(_SDXL_DEPTH, _TEMPORAL, r"te2_"),
@@ -218,7 +205,7 @@ ARCHS: tuple[Arch, ...] = (
              _v("sd15-ip2p", "SD1.5 InstructPix2Pix", "SD15_instructpix2pix"),
              _v("stable-zero123", "Stable Zero123", "Stable_Zero123"),
          )),
-    Arch("sd2", "SD2.x", names=_UNET, key_map=SD_KEYS, implementation=IMPL_DIFFUSERS,
+    Arch("sd2", "SD2.x", names=_UNET, key_map=SD_KEYS, implementation=IMPL_DIFFUSERS, blocks=SD_UNET,
          probes=(Probe(_ATTN2, frozenset({1024}), "text-context width"),
                  Probe(_TE_Q, frozenset({1024}), "text-encoder width")),
          excludes=(_SDXL_DEPTH, _TEMPORAL, r"te[12]_"),
@@ -234,7 +221,7 @@ ARCHS: tuple[Arch, ...] = (
              _v("sd-x4-upscaler", "SD x4 Upscaler", "SD_X4Upscaler"),
              _v("lotus-d", "Lotus-D", "LotusD"),
          )),
-    Arch("sdxl", "SDXL", names=_UNET, key_map=SD_KEYS, implementation=IMPL_SGM,
+    Arch("sdxl", "SDXL", names=_UNET, key_map=SD_KEYS, implementation=IMPL_SGM, blocks=SDXL_UNET,
          probes=(Probe(_ATTN2, frozenset({2048, 1280}), "text-context width"),
                  Probe(_TE_Q, frozenset({768}), "text-encoder width")),
          marks=(_SDXL_DEPTH, r"te[12]_"), excludes=(_TEMPORAL,),
@@ -288,7 +275,7 @@ ARCHS: tuple[Arch, ...] = (
              _v("sd35-large", "SD3.5 Large", "SD3", config={"depth": 38}, ss_base_model_version="5-large",
                 modelspec="stable-diffusion-3-5-large", widths=frozenset({2432})),
          )),
-    Arch("flux", "Flux.1", implementation=IMPL_FLUX,
+    Arch("flux", "Flux.1", implementation=IMPL_FLUX, blocks=FLUX_DIT,
          names={"native": _FLUX_NATIVE,
                 "diffusers": (_MMDIT_DIFFUSERS, _SINGLE_DIFFUSERS,
                               r"(x_embedder|context_embedder|time_text_embed_\w+|norm_out_linear|proj_out)$"),

@@ -23,8 +23,10 @@ def check_finite(t, *, what: str, file: str | None = None, key: str | None = Non
     if not t.is_floating_point() or t.numel() == 0:
         return
     # Screen with one reduction (no bool tensor the size of t): any NaN/inf makes the sum
-    # non-finite. A sum that merely overflows is re-checked exactly, so it raises nothing.
-    screen = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
+    # non-finite. A sum that merely overflows is re-checked exactly, so it raises nothing. The sum
+    # stays in t's dtype: for fp16/bf16 that is ~5x faster on the CPU than accumulating into float32
+    # (reading a stack of files is dominated by this screen), and an overflow is rare and only slower.
+    screen = t.sum()
     if bool(torch.isfinite(screen)):
         return
     bad = int((~torch.isfinite(t)).sum())

@@ -7,7 +7,7 @@ handle whose ``restore`` gives back every original value bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -190,6 +190,72 @@ def target_view(tensors: Mapping[str, torch.Tensor], key) -> torch.Tensor:
     return t if isinstance(key, str) else t.narrow(key[1], key[2], key[3])
 
 
+def _fusable(adapter: Adapter) -> bool:
+    """A plain LoRA (no DoRA magnitude): ΔW = γ·up·down, additive and independent of W."""
+    return adapter.name == "lora" and adapter.target == "weight" and not adapter.has_magnitude
+
+
+Scratch = Callable[[torch.device, tuple[int, ...], str], torch.Tensor]
+
+
+@torch.no_grad()
+def accumulate_(work: torch.Tensor, items: Iterable[tuple[Adapter, float]], scratch: Scratch | None = None
+                ) -> torch.Tensor:
+    """``work`` (a float working copy) with every (adapter, strength) applied in order; returns it.
+
+    Consecutive plain LoRAs (a stack's usual case) go in as ONE product, W += [s₁γ₁up₁ … sₙγₙupₙ]·[down₁; …;
+    downₙ]: the same sum as n separate ``addmm``s (additive terms commute; only the float summation
+    order differs), but W is read and written once instead of n times and the GEMM runs at rank Σr.
+    Non-additive adapters (OFT, DoRA, …) keep their place in the order. ``scratch(device, shape,
+    slot)`` may supply reusable buffers for the stacked factors (else they are allocated).
+    """
+    run: list[tuple[Adapter, float]] = []
+
+    def flush(w: torch.Tensor) -> torch.Tensor:
+        if len(run) == 1:
+            w = run[0][0].apply_(w, run[0][1])
+        elif run:
+            w = _fused_(w, run, scratch)
+        run.clear()
+        return w
+
+    for adapter, strength in items:
+        if strength == 0.0:
+            continue
+        if _fusable(adapter):
+            run.append((adapter, strength))
+            continue
+        work = flush(work)
+        work = adapter.apply_(work, strength)
+    return flush(work)
+
+
+def _fused_(work: torch.Tensor, run: list[tuple[Adapter, float]], scratch: Scratch | None) -> torch.Tensor:
+    out, cols = work.shape[0], work[0].numel() if work.dim() else 0
+    mats = []
+    for adapter, strength in run:
+        if adapter.mid is None:
+            up, down = adapter.up.flatten(1), adapter.down.flatten(1)
+        else:   # Tucker: V = mid·down, built once here
+            up, down = adapter.low_rank(work.device, work.dtype, scaled=False)
+        if up.shape[0] != out or down.shape[1] != cols:
+            for a, s in run:            # the per-adapter path names the adapter whose shape is wrong
+                work = a.apply_(work, s)
+            return work
+        mats.append((up, down, strength * adapter.scale))
+    rank = sum(u.shape[1] for u, _, _ in mats)
+    get = scratch or (lambda device, shape, slot: torch.empty(shape, dtype=work.dtype, device=device))
+    u_all, v_all = get(work.device, (out, rank), "up"), get(work.device, (rank, cols), "down")
+    at = 0
+    for up, down, scale in mats:
+        r = up.shape[1]
+        u_all[:, at:at + r].copy_(up).mul_(scale)
+        v_all[at:at + r].copy_(down)
+        at += r
+    work.view(out, cols).addmm_(u_all, v_all)
+    return work
+
+
 @torch.no_grad()
 def apply(obj: torch.nn.Module | Mapping[str, torch.Tensor],
           changes: Iterable[tuple[Any, Adapter, float]]) -> Patched:
@@ -208,9 +274,7 @@ def apply(obj: torch.nn.Module | Mapping[str, torch.Tensor],
         by_key.setdefault(key, []).append((adapter, strength))
     new: dict[Any, torch.Tensor] = {}
     for key, items in by_key.items():
-        work = target_view(tensors, key).detach().to(torch.float32, copy=True)
-        for adapter, strength in items:
-            work = adapter.apply_(work, strength)
+        work = accumulate_(target_view(tensors, key).detach().to(torch.float32, copy=True), items)
         check_finite(work, what="patched weight", file=items[0][0].file, key=str(key))
         new[key] = work
     handle = Patched(tensors)

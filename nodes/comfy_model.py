@@ -11,7 +11,7 @@ import collections
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,12 +21,12 @@ import comfy.patcher_extension
 import comfy.utils
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..lora import LoraError, Parsed, arch, match, parse, read
+from ..lora import LoraError, Parsed, arch, blocks, match, parse, read
 from ..lora.io import PICKLE_SUFFIXES, read_header
 from ..lora import bypass as bypass_mode
 from ..lora.adapters.base import Adapter
 from ..lora.keys import canonical
-from ..lora.patch import mismatch
+from ..lora.patch import accumulate_, mismatch
 
 log = logging.getLogger("LoRA Lab")
 
@@ -76,16 +76,18 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class _Scratch(threading.local):
-    """One float32 work buffer per device, alive only while a patcher loads (see FastPatch.load)."""
+    """float32 work buffers per device (the weight, and a stack's stacked LoRA factors: ``slot``),
+    alive only while a patcher loads (see FastPatch.load)."""
     depth = 0
     buffers: dict
 
-    def get(self, device: torch.device, shape: torch.Size) -> torch.Tensor:
+    def get(self, device: torch.device, shape, slot: str = "work") -> torch.Tensor:
+        shape = torch.Size(shape)
         if self.depth == 0:   # used outside a load(): no reuse, plain temporary
             return torch.empty(shape, dtype=torch.float32, device=device)
-        buf = self.buffers.get(device)
+        buf = self.buffers.get((device, slot))
         if buf is None or buf.numel() < shape.numel():
-            buf = self.buffers[device] = torch.empty(shape.numel(), dtype=torch.float32, device=device)
+            buf = self.buffers[(device, slot)] = torch.empty(shape.numel(), dtype=torch.float32, device=device)
         return buf[: shape.numel()].view(shape)
 
 
@@ -98,8 +100,9 @@ class FastPatch:
     Everything stays ComfyUI's: the same ``patches`` dict, ``backup`` entries and
     ``unpatch_model``, the lowvram path (LowVramPatch calling ComfyPatch). Only a full-weight
     patch made entirely of our adapters takes a faster route: the weight is converted into one
-    reused float32 buffer, LoRA factors are accumulated into it in place (no ΔW-sized temporary),
-    and it is written once into a new tensor of the weight's dtype. Core allocates a float32 copy,
+    reused float32 buffer, LoRA factors are accumulated into it in place (no ΔW-sized temporary;
+    a stack's LoRAs in one product, ``lora.patch.accumulate_``), and it is written once into a new
+    tensor of the weight's dtype. Core allocates a float32 copy,
     a ΔW, a scaled ΔW and the result for every weight; those page faults dominate its time.
     ``clone()`` uses ``self.__class__``, so clones made downstream keep the fast route.
     """
@@ -130,9 +133,7 @@ class FastPatch:
         device = weight.device if device_to is None else torch.device(device_to)
         work = _scratch.get(device, weight.shape)
         work.copy_(weight)
-        for strength, patch, *_ in patches:
-            if strength != 0.0:
-                work = patch.adapter.apply_(work, strength)
+        work = accumulate_(work, [(patch.adapter, strength) for strength, patch, *_ in patches], _scratch.get)
         if inplace_update:
             comfy.utils.copy_to_param(self.model, key, work)
         else:
@@ -184,24 +185,44 @@ def add_bypass(patcher, changes: list[tuple[str, Adapter, float]]) -> int:
     return len(changes)
 
 
-def _bypass_changes(root: torch.nn.Module, patches: dict, strength: float):
-    """Split patches into bypass changes (whole tensors of Linear/Conv layers) and the rest."""
-    sd_keys = set(root.state_dict().keys())
-    changes, rest = [], {}
-    modules = dict(root.named_modules())
-    for key, patch in patches.items():
-        if not isinstance(key, str) or key not in sd_keys:
-            if isinstance(key, tuple) and key[0] in sd_keys:
-                rest[key] = patch     # a slice of a fused weight: merged instead
-            continue
-        owner = modules.get(key.rpartition(".")[0])
-        try:
-            bypass_mode.Op.of(owner)
-        except TypeError:
-            rest[key] = patch         # not a Linear/Conv (e.g. a norm): merged instead
-            continue
-        changes.append((key, patch.adapter, strength))
-    return changes, rest
+class _Root:
+    """A model (or CLIP) module with its tensor keys and modules, looked up once per load."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.keys = set(module.state_dict().keys())
+        self.modules = dict(module.named_modules())
+
+    def bypass_split(self, patches: dict, strength_of) -> tuple[list, dict[float, dict]]:
+        """(bypass changes: (key, adapter, strength) for whole tensors of Linear/Conv layers; the rest
+        to merge, grouped by strength). Keys of other roots are left out; strength 0 is skipped."""
+        changes, rest = [], {}
+        for key, patch in patches.items():
+            name = key if isinstance(key, str) else key[0]
+            if name not in self.keys:
+                continue
+            strength = strength_of(key)
+            if strength == 0.0:
+                continue
+            if isinstance(key, str):
+                try:
+                    bypass_mode.Op.of(self.modules.get(key.rpartition(".")[0]))
+                    changes.append((key, patch.adapter, strength))
+                    continue
+                except TypeError:
+                    pass              # not a Linear/Conv (e.g. a norm): merged instead
+            rest.setdefault(strength, {})[key] = patch   # or a slice of a fused weight: merged instead
+        return changes, rest
+
+    def merge_groups(self, patches: dict, strength_of) -> dict[float, dict]:
+        """This root's patches grouped by strength (add_patches takes one per call); 0 skipped."""
+        groups: dict[float, dict] = {}
+        for key, patch in patches.items():
+            if (key if isinstance(key, str) else key[0]) in self.keys:
+                strength = strength_of(key)
+                if strength != 0.0:
+                    groups.setdefault(strength, {})[key] = patch
+        return groups
 
 
 @dataclass
@@ -242,43 +263,55 @@ def _target_shape(root: torch.nn.Module, key) -> torch.Size | None:
     return torch.Size(shape)
 
 
-def _patch(patcher, root: torch.nn.Module, patches: dict, strength: float, bypass: bool) -> tuple[int, int]:
-    """Add patches to ``patcher`` (merged, or bypass hooks); returns (tensors handled, merged instead)."""
-    if not bypass:
-        return len(patcher.add_patches(patches, strength)), 0
-    changes, rest = _bypass_changes(root, patches, strength)
-    merged = len(patcher.add_patches(rest, strength)) if rest else 0
-    return add_bypass(patcher, changes) + merged, merged
+@dataclass
+class Item:
+    """One LoRA of a stack for :func:`load_loras`."""
+    source: object                  # a file path, or a LORA_MODEL (a plain state dict)
+    strength_model: float = 1.0
+    strength_clip: float = 1.0
+    options: dict = field(default_factory=dict)
+    blocks: str = ""                # block weights: a preset name or a vector (lora.blocks); "" none
+    label: str = ""                 # where it came from ("row 2"), prefixed to its report and errors
 
 
-def load_lora(model, clip, source, strength_model: float, strength_clip: float, *,
-              options: dict | None = None, cache: dict | None = None,
-              bypass: bool = False, require_match: bool = False) -> tuple[object, object, Report]:
-    """Patch clones of ``model`` / ``clip`` with a LoRA; inputs are never mutated.
+@dataclass
+class _Prepared:
+    item: Item
+    patches: dict                   # model / CLIP tensor key -> ComfyPatch
+    match: object                   # lora.patch.Match
+    file_arch: object
+    weights: dict | None            # block name -> weight
+    n_te_ignored: int
+    blocks_layout: object = None    # lora.blocks.Blocks of the model, when weights are given
+    n_model: int = 0
+    n_clip: int = 0
+    merged_instead: int = 0
 
-    ``source``: a file path, or a LORA_MODEL (a plain state dict, as core's TrainLoraNode and ours
-    produce). Raises LoraError (naming file, key and shapes) before anything is cloned when the
-    file is unreadable or a factor does not fit its target, and, with ``require_match``, when none
-    of its keys match (the error is the report).
-    """
-    if isinstance(source, dict):
+    def strength_of(self, strength: float):
+        if self.weights is None:
+            return lambda key: strength
+        layout = self.blocks_layout
+        return lambda key: strength * blocks.weight_of(layout, self.weights, key)
+
+
+def _labelled(e: LoraError, label: str) -> LoraError:
+    if not label:
+        return e
+    out = LoraError(f"{label}: {e}")
+    out.file, out.key = e.file, e.key
+    return out
+
+
+def _prepare(item: Item, km: dict, roots: list, model_id, has_clip: bool, cache: dict | None) -> _Prepared:
+    """Read, match and check one item against the model (raises LoraError; nothing is cloned)."""
+    if isinstance(item.source, dict):
         name = "LORA_MODEL input"
-        parsed, n_keys, file_arch = _parsed_dict(source, name, options or {})
+        parsed, n_keys, file_arch = _parsed_dict(item.source, name, item.options)
     else:
-        name = os.path.basename(source)
-        parsed, n_keys, file_arch = _parsed(source, options or {}, cache)
-    use_model = model is not None and strength_model != 0.0
-    use_clip = clip is not None and strength_clip != 0.0
-    km = key_map(model, clip)
-    skip = () if clip is not None else ("lora_te",)
-    m = match(parsed, km, file=name, n_file_keys=n_keys, skip=skip)
-
-    roots = []
-    if model is not None:
-        roots.append(model.model)
-    if clip is not None:
-        roots.append(clip.cond_stage_model)
-    model_id = model_arch(model)
+        name = os.path.basename(item.source)
+        sub = None if cache is None else cache.setdefault(item.source, {})
+        parsed, n_keys, file_arch = _parsed(item.source, item.options, sub)
+    m = match(parsed, km, file=name, n_file_keys=n_keys, skip=() if has_clip else ("lora_te",))
     patches = {}
     for t in m.targets:
         shape = next((s for s in (_target_shape(r, t.key) for r in roots) if s is not None), None)
@@ -288,34 +321,118 @@ def load_lora(model, clip, source, strength_model: float, strength_clip: float, 
             except LoraError as e:
                 raise _with_diagnosis(e, file_arch, model_id) from None
         patches[t.key] = ComfyPatch(t.adapter)
+    p = _Prepared(item, patches, m, file_arch, None,
+                  0 if has_clip else sum(canonical(x).startswith("lora_te") for x in parsed.modules))
+    if item.blocks:
+        model_family = model_id.arch if model_id is not None else None
+        p.blocks_layout = blocks.layout(model_family)
+        p.weights = blocks.weights_for(model_family, item.blocks)
+    return p
+
+
+def _item_text(p: _Prepared, model_id, bypass: bool, has_clip: bool) -> str:
+    it = p.item
+    text = p.match.summary(p.file_arch, model_id)
+    how = "bypassed (applied in the forward pass)" if bypass else "patched"
+    text += f"\n{how} {p.n_model} model tensor(s) at strength {it.strength_model:g}"
+    if has_clip:
+        text += f", {p.n_clip} text-encoder tensor(s) at strength {it.strength_clip:g}"
+    if p.weights is not None:
+        text += f"\nblock weights {it.blocks}: {blocks.describe(p.blocks_layout, p.weights)}"
+    if p.merged_instead:
+        text += f"; {p.merged_instead} tensor(s) merged instead (not a Linear/Conv weight)"
+    if p.n_te_ignored:
+        text += f"; {p.n_te_ignored} text-encoder module(s) ignored (no CLIP input)"
+    return f"{it.label}: {text}" if it.label else text
+
+
+def _add(patcher, root: _Root, p: _Prepared, strength: float, bypass: bool, changes: list) -> tuple[int, int]:
+    """Add one item's patches to ``patcher`` at ``strength`` × its block weights: merged now, or its
+    bypass changes appended to ``changes`` (installed once for the whole stack). Returns (tensors
+    handled, of which merged instead of bypassed)."""
+    strength_of = p.strength_of(strength)
+    if bypass:
+        found, rest = root.bypass_split(p.patches, strength_of)
+        changes.extend(found)
+    else:
+        found, rest = [], root.merge_groups(p.patches, strength_of)
+    merged = sum(len(patcher.add_patches(group, s)) for s, group in rest.items())
+    return len(found) + merged, merged if bypass else 0
+
+
+def load_loras(model, clip, items: list[Item], *, cache: dict | None = None, bypass: bool = False,
+               require_match: bool = False) -> tuple[object, object, Report]:
+    """Patch ONE clone of ``model`` and of ``clip`` with every item, in order; inputs are never mutated.
+
+    Every item is read, matched and checked (and its block weights resolved) before anything is
+    cloned: a LoraError (prefixed with the item's label) leaves nothing half-done. All items' patches
+    go onto the same clone (merged), or into one forward-pass injection (``bypass``). ``cache``: a
+    dict the caller keeps between runs (parsed files by path). With ``require_match``, an item none
+    of whose keys match raises with its report.
+    """
+    km = key_map(model, clip)
+    model_id = model_arch(model)
+    roots = [r for r in (model.model if model is not None else None,
+                         clip.cond_stage_model if clip is not None else None) if r is not None]
+    prepared = []
+    for item in items:
+        try:
+            prepared.append(_prepare(item, km, roots, model_id, clip is not None, cache))
+        except LoraError as e:
+            raise _labelled(e, item.label) from None
+    if cache is not None:   # forget files no longer in the stack
+        used = {it.source for it in items if isinstance(it.source, str)}
+        for path in [k for k in cache if k not in used]:
+            del cache[path]
+    if require_match:
+        for p in prepared:
+            if not p.match.ok:
+                text = _item_text(p, model_id, bypass, clip is not None)
+                raise LoraError(f"{text}\n(on_no_match is 'stop the run': set it to 'warn' to pass the model through)")
 
     new_model, new_clip = model, clip
-    n_model = n_clip = 0
-    merged_instead = 0
+    use_model = model is not None and any(p.item.strength_model != 0.0 for p in prepared)
+    use_clip = clip is not None and any(p.item.strength_clip != 0.0 for p in prepared)
     if use_model:
         new_model = fast_patcher(model.clone())
-        n_model, k = _patch(new_model, model.model, patches, strength_model, bypass)
-        merged_instead += k
+        model_root, model_changes = _Root(model.model), []
     if use_clip:
         new_clip = clip.clone()
         fast_patcher(new_clip.patcher)
-        n_clip, k = _patch(new_clip.patcher, clip.cond_stage_model, patches, strength_clip, bypass)
-        merged_instead += k
+        clip_root, clip_changes = _Root(clip.cond_stage_model), []
+    for p in prepared:
+        if use_model and p.item.strength_model != 0.0:
+            p.n_model, k = _add(new_model, model_root, p, p.item.strength_model, bypass, model_changes)
+            p.merged_instead += k
+        if use_clip and p.item.strength_clip != 0.0:
+            p.n_clip, k = _add(new_clip.patcher, clip_root, p, p.item.strength_clip, bypass, clip_changes)
+            p.merged_instead += k
+    if use_model:
+        add_bypass(new_model, model_changes)
+    if use_clip:
+        add_bypass(new_clip.patcher, clip_changes)
 
-    text = m.summary(file_arch, model_id)
-    how = "bypassed (applied in the forward pass)" if bypass else "patched"
-    text += f"\n{how} {n_model} model tensor(s) at strength {strength_model:g}"
-    if clip is not None:
-        text += f", {n_clip} text-encoder tensor(s) at strength {strength_clip:g}"
-    if merged_instead:
-        text += f"; {merged_instead} tensor(s) merged instead (not a Linear/Conv weight)"
-    n_te = 0 if clip is not None else sum(canonical(p).startswith("lora_te") for p in parsed.modules)
-    if n_te:
-        text += f"; {n_te} text-encoder module(s) ignored (no CLIP input)"
-    (log.info if m.ok and not m.unmatched and not m.unknown else log.warning)("%s", text)
-    if require_match and not m.ok:
-        raise LoraError(f"{text}\n(on_no_match is 'stop the run': set it to 'warn' to pass the model through)")
-    return new_model, new_clip, Report(text, n_model, n_clip)
+    texts = []
+    for p in prepared:
+        texts.append(_item_text(p, model_id, bypass, clip is not None))
+        clean = p.match.ok and not p.match.unmatched and not p.match.unknown
+        (log.info if clean else log.warning)("%s", texts[-1])
+    n_model, n_clip = sum(p.n_model for p in prepared), sum(p.n_clip for p in prepared)
+    return new_model, new_clip, Report("\n\n".join(texts), n_model, n_clip)
+
+
+def load_lora(model, clip, source, strength_model: float, strength_clip: float, *,
+              options: dict | None = None, cache: dict | None = None,
+              bypass: bool = False, require_match: bool = False) -> tuple[object, object, Report]:
+    """Patch clones of ``model`` / ``clip`` with one LoRA (:func:`load_loras` with one item).
+
+    ``source``: a file path, or a LORA_MODEL (a plain state dict, as core's TrainLoraNode and ours
+    produce). Raises LoraError (naming file, key and shapes) before anything is cloned when the
+    file is unreadable or a factor does not fit its target, and, with ``require_match``, when none
+    of its keys match (the error is the report).
+    """
+    return load_loras(model, clip, [Item(source, strength_model, strength_clip, options or {})], cache=cache,
+                      bypass=bypass, require_match=require_match)
 
 
 def _with_diagnosis(e: LoraError, file_arch, model_id) -> LoraError:

@@ -5,6 +5,10 @@
     GET /loralab/info?name=NAME        the info panel's JSON (lora/info.py: header only, never tensors)
     GET /loralab/preview?name=NAME     the LoRA's preview sidecar image
     GET /loralab/resolve?tag=T[&tag=…] {T: listed name or null}: what <lora:T:…> refers to
+    POST /loralab/resolve {"text": prompt} {"tags": [{start, end, text, name, error}]}: every
+                                       <lora:…> tag of a prompt, read and resolved as the prompt node
+                                       does (lora/tags.py, lora/names.py); error null when it would load
+    GET /loralab/blocks                block-weight layouts and presets per architecture (lora/blocks.py)
 
 NAME is a ``lora_name`` as loaders list it. Names that leave the loras folders (absolute, ``..``)
 get 400, missing files 404, unreadable headers 422; every error is ``{"error": message}``.
@@ -20,7 +24,7 @@ import urllib.parse
 
 import folder_paths
 
-from ..lora import info, names
+from ..lora import blocks, info, names, tags
 from ..lora.errors import LoraError
 from ..lora.io import relative_parts, resolve_in
 
@@ -82,9 +86,40 @@ def loras_response() -> dict:
     return {"loras": [{"name": n, "tag": tags[n]} for n in all_names]}
 
 
-def resolve_response(tags: list[str]) -> dict:
+def alias_table() -> dict[str, str]:
+    """{listed name: alias} from the files' ``ss_output_name`` (headers read once per file version)."""
+    return names.aliases({n: p for n in listed() if (p := folder_paths.get_full_path(FOLDER, n))})
+
+
+def resolve_response(wanted: list[str]) -> dict:
     all_names = listed()
-    return {t: names.resolve(t, all_names) for t in tags}
+    return {t: names.resolve(t, all_names, alias_table) for t in wanted}
+
+
+def prompt_tags_response(body) -> dict:
+    """Every <lora:…> tag of ``body["text"]`` with its span, the file it loads and what is wrong with it:
+    the prompt node's own reading (a malformed tag, an unknown or ambiguous name, a bad lbw=)."""
+    text = body.get("text") if isinstance(body, dict) else None
+    if not isinstance(text, str):
+        raise RouteError(400, 'expected a JSON body {"text": "<the prompt>"}')
+    all_names = listed()
+    out = []
+    for s in tags.scan(text):
+        entry = {"start": s.start, "end": s.end, "text": s.text, "name": None, "error": None}
+        if s.error is not None:
+            entry["error"] = str(s.error)
+        else:
+            found = names.find(s.tag.name, all_names, alias_table)
+            entry["name"] = found.name
+            entry["error"] = found.error()
+            if found.name is not None and s.tag.lbw:
+                entry["error"] = blocks.problem(s.tag.lbw)
+        out.append(entry)
+    return {"tags": out}
+
+
+def blocks_response() -> dict:
+    return {"layouts": blocks.catalogue()}
 
 
 def register(server) -> None:
@@ -110,6 +145,18 @@ def register(server) -> None:
     async def resolve(request):
         return await answer(resolve_response, request.query.getall("tag", []))
 
+    @routes.post("/loralab/resolve")
+    async def resolve_prompt(request):
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        return await answer(prompt_tags_response, body)
+
+    @routes.get("/loralab/blocks")
+    async def block_layouts(request):
+        return await answer(blocks_response)
+
     @routes.get("/loralab/preview")
     async def preview(request):
         try:
@@ -133,5 +180,5 @@ def register_on_prompt_server() -> bool:
     return True
 
 
-__all__ = ["RouteError", "info_response", "loras_response", "lora_path", "preview_response", "register",
-           "register_on_prompt_server", "resolve_response"]
+__all__ = ["RouteError", "alias_table", "blocks_response", "info_response", "loras_response", "lora_path",
+           "preview_response", "prompt_tags_response", "register", "register_on_prompt_server", "resolve_response"]

@@ -22,20 +22,24 @@ const WARN_BGCOLOR = "#3d1818";
 const BADGE = "\u26a0 0 keys matched";
 const COUNTS = /(\d+) of (\d+) keys match/;
 
-// {matched, total} from a report's first "N of M keys match" line; null when there is none
-// (e.g. "strengths are 0, passed through unchanged").
+// {matched, total} from a report's "N of M keys match" line; null when there is none (e.g.
+// "strengths are 0, passed through unchanged"). A stack's report has one line per LoRA: the first
+// that matched nothing is returned, so one LoRA for another model is never hidden among the others.
 export function matchCounts(text) {
-  const m = COUNTS.exec(text ?? "");
-  return m ? { matched: Number(m[1]), total: Number(m[2]) } : null;
+  const all = [...(text ?? "").matchAll(new RegExp(COUNTS, "g"))].map((m) => ({ matched: Number(m[1]), total: Number(m[2]) }));
+  return all.find((c) => c.matched === 0) ?? all[0] ?? null;
 }
 
-function reportWidget(node) {
-  const existing = node.widgets?.find((w) => w.name === WIDGET);
+/** A read-only text box on ``node`` (a result it shows), not a widget value: not in widgets_values, not in
+ * the API prompt. Created once per name. */
+export function readonlyText(node, name, { placeholder = "Appears after this node runs", minHeight = 64,
+                                          maxHeight = undefined, className = "" } = {}) {
+  const existing = node.widgets?.find((w) => w.name === name);
   if (existing) return existing;
   const el = document.createElement("textarea");
   el.readOnly = true;
-  el.className = "comfy-multiline-input loralab-report";
-  el.placeholder = "Appears after this node runs";
+  el.className = `comfy-multiline-input ${className}`.trim();
+  el.placeholder = placeholder;
   el.spellcheck = false;
   el.style.fontSize = "11px";
   el.style.opacity = "0.85";
@@ -43,18 +47,23 @@ function reportWidget(node) {
   // type "customtext": the classic canvas shows this textarea; Nodes 2.0 (Vue nodes) draws its
   // own read-only textarea for that type from the widget's value
   let value = "";
-  const widget = node.addDOMWidget(WIDGET, "customtext", el, {
+  const widget = node.addDOMWidget(name, "customtext", el, {
     getValue: () => value,
     setValue: (v) => {
       value = v == null ? "" : String(v);
       el.value = value;
     },
-    getMinHeight: () => 64,
+    getMinHeight: () => minHeight,
+    ...(maxHeight ? { getMaxHeight: () => maxHeight } : {}),
     read_only: true,
     serialize: false, // not part of the API prompt
   });
   widget.serialize = false; // not part of the saved workflow's widgets_values
   return widget;
+}
+
+function reportWidget(node) {
+  return readonlyText(node, WIDGET, { className: "loralab-report" });
 }
 
 function setWarning(node, on) {

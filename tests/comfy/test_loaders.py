@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from support.comfy_env import patched_weights as weights
+from support.comfy_env import unet_out as _unet_out
 from tolerances import TOL, rel_err
 
 CORE_CORRECT = ("kohya", "kohya_ldm", "diffusers_old", "comfy")
@@ -220,18 +221,6 @@ def test_corrupt_file_names_file(pack, tiny_sd15, comfy):
 
 # ---- mode = "forward pass" (bypass mode) ------------------------------------------------------------
 FORWARD = {"mode": "forward pass"}
-def _unet_out(patcher, seed=0):
-    """One denoiser forward of the patched model (ComfyUI loads/injects as it would for sampling)."""
-    import comfy.model_management as mm
-
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, 768, generator=g)
-    mm.load_models_gpu([patcher])
-    with torch.no_grad():
-        return patcher.model.apply_model(x, torch.tensor([500.0]), c_crossattn=ctx).clone()
-
-
 def test_bypass_equals_merged_and_never_writes_weights(pack, tiny_sd15, base, lora_file):
     spec = lora_file("kohya", parts=("unet",))
     loader = node(pack, "LoraLabLoraLoaderModelOnly")

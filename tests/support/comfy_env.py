@@ -128,3 +128,17 @@ def patched_weights(patcher_or_clip) -> dict:
         return {k: v.detach().clone() for k, v in p.model.state_dict().items()}
     finally:
         p.unpatch_model()
+
+
+def unet_out(patcher, seed: int = 0):
+    """One denoiser forward of a patched tiny SD1.x MODEL (ComfyUI loads / injects it as it would for
+    sampling): a random 8x8 latent, a random 77x768 context, t = 500."""
+    import comfy.model_management as mm
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx = torch.randn(1, 77, 768, generator=g)
+    mm.load_models_gpu([patcher])
+    with torch.no_grad():
+        return patcher.model.apply_model(x, torch.tensor([500.0]), c_crossattn=ctx).clone()

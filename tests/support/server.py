@@ -5,6 +5,7 @@ Layout of a server's base directory (``--base-directory``: nothing touches the C
     <base>/custom_nodes/ComfyUI-LoRA-Lab -> the repo root (how users install the pack)
     <base>/models/checkpoints/loralab_demo_tiny_sd15.safetensors   the tiny SD1.5 (hard link to the cache)
     <base>/models/loras/loralab_demo/tiny_sd15_demo_lora.safetensors   a kohya LoRA for it, in a subfolder
+    <base>/models/loras/loralab_demo/… (DEMO_STACK_LORAS)   two more, with trigger words, for the stack examples
     <base>/input/loralab_demo_dataset/   a few captioned images in kohya's layout (support/datasets.py)
     <base>/output, input, temp, user, comfyui.log
 
@@ -40,6 +41,12 @@ from .comfy_env import REPO_ROOT, comfy_dir
 PACK_DIR_NAME = "ComfyUI-LoRA-Lab"
 DEMO_CHECKPOINT = "loralab_demo_tiny_sd15.safetensors"
 DEMO_LORA = "loralab_demo/tiny_sd15_demo_lora.safetensors"
+# more LoRAs for the stack / prompt-tag / block-weight examples: name -> (seed, metadata, NAME.txt sidecar)
+DEMO_STACK_LORAS = {
+    "loralab_demo/tiny_sd15_inkwash_style.safetensors": (
+        1, {"modelspec.trigger_phrase": "inkwash style, sumi-e", "ss_output_name": "Inkwash Style"}, None),
+    "loralab_demo/details/tiny_sd15_fine_detail.safetensors": (2, {}, "fine detail, sharp focus"),
+}
 DEMO_DATASET = "loralab_demo_dataset"
 EXAMPLE_WORKFLOW = os.path.join(REPO_ROOT, "example_workflows", "Load a LoRA and sample.json")
 LORA_NODES = ("LoraLabLoadLoRA", "LoraLabLoraLoaderModelOnly")
@@ -77,12 +84,12 @@ def lora_targets(checkpoint: str) -> list[lorafiles.Target]:
 
 
 def write_demo_lora(path: str, checkpoint: str, *, rank: int = 4, seed: int = 0,
-                    root: str | None = None) -> lorafiles.LoraSpec:
+                    root: str | None = None, metadata: dict | None = None) -> lorafiles.LoraSpec:
     """A kohya-named LoRA (lora_unet_<ldm path>, lora_te_<transformers path>, alpha rank/2) that
     covers every UNet and CLIP layer of ``checkpoint``: the file users most often have."""
     adapters = lorafiles.make_lora(lora_targets(checkpoint), rank=rank, alpha=rank / 2, seed=seed)
     return lorafiles.write_lora(path, adapters, "kohya_ldm", dtype=None, root=root,
-                                metadata={"ss_network_module": "networks.lora", "loralab_demo": "1"})
+                                metadata={"ss_network_module": "networks.lora", "loralab_demo": "1", **(metadata or {})})
 
 
 def _link(src: str, dst: str) -> None:
@@ -114,6 +121,15 @@ def prepare_base(base: str, checkpoint_src: str, *, pack_dir: str = REPO_ROOT) -
         tmp = lora + ".partial"
         write_demo_lora(tmp, ckpt)
         os.replace(tmp, lora)
+    for name, (seed, metadata, sidecar) in DEMO_STACK_LORAS.items():
+        path = os.path.join(base, "models", "loras", *name.split("/"))
+        if sidecar and not os.path.exists(os.path.splitext(path)[0] + ".txt"):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(os.path.splitext(path)[0] + ".txt", "w") as fh:
+                fh.write(sidecar)
+        if not os.path.exists(path):
+            write_demo_lora(path + ".partial", ckpt, seed=seed, metadata=metadata)
+            os.replace(path + ".partial", path)
     dataset = os.path.join(base, "input", DEMO_DATASET)
     if not os.path.isdir(dataset):
         tmp = dataset + ".partial"

@@ -716,7 +716,7 @@ _TE_HEADS = (
 )
 # wrappers around a diffusion model's module path; stripped repeatedly
 _WRAPPERS = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.",
-             "lora_unet_", "lora_transformer_", "lycoris_")
+             "lora_unet_", "lora_transformer_", "lycoris_", "oft_unet_")
 _FACTOR_LIKE = re.compile(r"lora|(^|[._])(up|down)\.weight$|\.alpha$|hada_|lokr_|oft_|\.diff(_b)?$|dora_scale")
 _UNKNOWN_SUFFIX = re.compile(r"\.(up|down)\.weight$|\.(weight|bias)$")
 _WIDTH_ROLES = {"down", "hada_w1_b", "hada_w2_b", "diff"}

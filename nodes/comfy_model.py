@@ -24,9 +24,10 @@ from comfy.weight_adapter.base import WeightAdapterBase
 from ..lora import LoraError, Parsed, arch, match, parse, read
 from ..lora.io import PICKLE_SUFFIXES, read_header
 from ..lora import bypass as bypass_mode
+from ..lora import dit_keys
 from ..lora.adapters.base import Adapter
 from ..lora.keys import canonical
-from ..lora.patch import mismatch
+from ..lora.patch import mismatch, split_target
 
 log = logging.getLogger("LoRA Lab")
 
@@ -185,20 +186,23 @@ def add_bypass(patcher, changes: list[tuple[str, Adapter, float]]) -> int:
 
 
 def _bypass_changes(root: torch.nn.Module, patches: dict, strength: float):
-    """Split patches into bypass changes (whole tensors of Linear/Conv layers) and the rest."""
+    """Split patches into bypass changes (whole tensors of Linear/Conv layers, and row blocks of their
+    weights: q, k, v of a fused qkv) and the rest (merged: norms, layout-changed targets, grouped convs)."""
     sd_keys = set(root.state_dict().keys())
     changes, rest = [], {}
     modules = dict(root.named_modules())
     for key, patch in patches.items():
-        if not isinstance(key, str) or key not in sd_keys:
-            if isinstance(key, tuple) and key[0] in sd_keys:
-                rest[key] = patch     # a slice of a fused weight: merged instead
+        name, offset, function = split_target(key)
+        if name not in sd_keys:
             continue
-        owner = modules.get(key.rpartition(".")[0])
+        owner = modules.get(name.rpartition(".")[0])
         try:
-            bypass_mode.Op.of(owner)
+            op = bypass_mode.Op.of(owner)
         except TypeError:
             rest[key] = patch         # not a Linear/Conv (e.g. a norm): merged instead
+            continue
+        if function is not None or (offset is not None and (offset[0] != 0 or op.groups != 1)):
+            rest[key] = patch         # no forward route for this target: merged instead
             continue
         changes.append((key, patch.adapter, strength))
     return changes, rest
@@ -221,12 +225,25 @@ def model_arch(model) -> arch.Identity | None:
     return arch.identify_model(type(config).__name__, config.unet_config, shapes=shapes)
 
 
-def key_map(model, clip) -> dict:
+def key_map(model, clip, modules=()) -> dict:
+    """File module name -> the model's target, for ``lora.patch.match``.
+
+    ComfyUI's own maps (``comfy.lora.model_lora_keys_unet/clip``) first; then, for the ``modules`` of the
+    file that neither they nor their kohya form (``keys.canonical``) name, LoRA Lab's
+    (``lora.dit_keys.comfy_targets``: the model's module paths in any wrapper and separator, and the
+    diffusers / XLabs / original names core drops for Flux, HunyuanVideo, Wan, Lumina 2 and Z-Image).
+    Where ComfyUI has a name it decides, so what core loads right loads the same.
+    """
     km: dict = {}
     if model is not None:
         km = comfy.lora.model_lora_keys_unet(model.model, km)
     if clip is not None:
         km = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, km)
+    missing = [m for m in modules if m not in km and canonical(m) not in km]
+    if model is not None and missing:
+        ident = model_arch(model)
+        shapes = {k: v.shape for k, v in model.model.state_dict().items() if k.startswith(dit_keys.UNET)}
+        km.update(dit_keys.comfy_targets(ident.arch if ident is not None else None, missing, shapes))
     return km
 
 
@@ -269,7 +286,7 @@ def load_lora(model, clip, source, strength_model: float, strength_clip: float, 
         parsed, n_keys, file_arch = _parsed(source, options or {}, cache)
     use_model = model is not None and strength_model != 0.0
     use_clip = clip is not None and strength_clip != 0.0
-    km = key_map(model, clip)
+    km = key_map(model, clip, parsed.modules)
     skip = () if clip is not None else ("lora_te",)
     m = match(parsed, km, file=name, n_file_keys=n_keys, skip=skip)
 
@@ -308,7 +325,8 @@ def load_lora(model, clip, source, strength_model: float, strength_clip: float, 
     if clip is not None:
         text += f", {n_clip} text-encoder tensor(s) at strength {strength_clip:g}"
     if merged_instead:
-        text += f"; {merged_instead} tensor(s) merged instead (not a Linear/Conv weight)"
+        text += (f"; {merged_instead} tensor(s) merged instead (no forward route: not a Linear/Conv weight, "
+                 "or a target whose rows the key map reorders)")
     n_te = 0 if clip is not None else sum(canonical(p).startswith("lora_te") for p in parsed.modules)
     if n_te:
         text += f"; {n_te} text-encoder module(s) ignored (no CLIP input)"

@@ -292,7 +292,7 @@ ARCHS: tuple[Arch, ...] = (
          names={"native": _FLUX_NATIVE,
                 "diffusers": (_MMDIT_DIFFUSERS, _SINGLE_DIFFUSERS,
                               r"(x_embedder|context_embedder|time_text_embed_\w+|norm_out_linear|proj_out)$"),
-                "xlabs": (r"(double|single)_blocks_\d+_processor_(qkv|proj)_lora[12]?$",)},
+                "xlabs": (r"(double|single)_blocks_\d+_processor_(qkv|proj)(_lora[12]?)?$",)},
          marks=(r"(double|single)_blocks_\d+_processor_", r"double_blocks_\d+_(img|txt)_mlp_[02]$",
                 r"double_blocks_\d+_(img|txt)_mod_lin$", r"single_blocks_\d+_(modulation_lin|linear1_qkv)$",
                 r"distilled_guidance_layer_", _SINGLE_DIFFUSERS),

@@ -208,34 +208,34 @@ def apply(obj: torch.nn.Module | Mapping[str, torch.Tensor],
           changes: Iterable[tuple[Any, Adapter, float]]) -> Patched:
     """Add every (key, adapter, strength) change in place; all or nothing.
 
-    All results are computed and checked before the first tensor is written, so a bad adapter
-    (wrong shape, non-finite result) leaves the model exactly as it was.
+    Changes to one tensor (whole, or row blocks of it) apply one after another, in order, as ComfyUI's
+    ModelPatcher applies a weight's patches. All results are computed and checked before the first
+    tensor is written, so a bad adapter (wrong shape, non-finite result) leaves the model exactly as it was.
     """
     tensors = tensors_of(obj)
-    by_key: dict[Any, list[tuple[Adapter, float]]] = {}
+    by_name: dict[str, list[tuple[Any, Adapter, float]]] = {}
     for key, adapter, strength in changes:
         view = target_view(tensors, key)
         if view is None:
             raise LoraError(f"model has no tensor {key!r}", file=adapter.file, key=adapter.prefix)
         adapter.check_target(view.shape, split_target(key)[0])
-        by_key.setdefault(key, []).append((adapter, strength))
-    new: dict[Any, torch.Tensor] = {}
-    for key, items in by_key.items():
-        work = target_view(tensors, key).detach().to(torch.float32, copy=True)
-        function = split_target(key)[2]
-        for adapter, strength in items:
-            if function is None:
-                work = adapter.apply_(work, strength)
-            else:   # the adapter's ΔW is in the file's layout: moved into the model's by ``function``
-                work = work + function(adapter.apply_(work.clone(), strength) - work)
-        check_finite(work, what="patched weight", file=items[0][0].file, key=str(key))
-        new[key] = work
+        by_name.setdefault(split_target(key)[0], []).append((key, adapter, strength))
+    new: dict[str, torch.Tensor] = {}
+    for name, items in by_name.items():
+        work = tensors[name].detach().to(torch.float32, copy=True)
+        for key, adapter, strength in items:
+            view = target_view({name: work}, key)
+            before = view.clone()
+            after = adapter.apply_(view.clone(), strength)
+            function = split_target(key)[2]
+            # a function moves the adapter's ΔW from the file's layout into the model's
+            view.copy_(after if function is None else before + function(after - before))
+        check_finite(work, what="patched weight", file=items[0][1].file, key=name)
+        new[name] = work
     handle = Patched(tensors)
-    for key, work in new.items():
-        name = split_target(key)[0]
-        if name not in handle.backup:
-            handle.backup[name] = tensors[name].detach().clone()
-        target_view(tensors, key).copy_(work)
+    for name, work in new.items():
+        handle.backup[name] = tensors[name].detach().clone()
+        tensors[name].copy_(work)
     return handle
 
 

@@ -1,7 +1,7 @@
-"""kohya sd-scripts' Flux OFT (``networks/oft_flux.py``) against its own forward, written out here from
-that file: per part of the output rows, Q = B − Bᵀ clipped as ``(min(‖Q‖, alpha·rows) + 1e-8) / (‖Q‖ + 1e-8)``,
-R = (I + Q)(I − Q)⁻¹ (by inverse), R_s = s·(R − I) + I (its multiplier), and the weight the layer runs
-``einsum("k n m, k n p -> k m p", R_s, W reshaped "(k n) m -> k n m")``; the bias untouched.
+"""kohya sd-scripts' Flux OFT (``networks/oft_flux.py``) against its own forward, written out from that
+file in ``support.family_loras.kohya_oft_weight`` (per part of the output rows, Q = B − Bᵀ clipped as
+``(min(‖Q‖, alpha·rows) + 1e-8) / (‖Q‖ + 1e-8)``, R = (I + Q)(I − Q)⁻¹ by inverse, R_s = s·(R − I) + I
+its multiplier, the weight ``einsum("k n m, k n p -> k m p", R_s, W as (k, n, in))``); the bias untouched.
 
 The invariant matrix (test_adapters_matrix.py, cases ``oft_flux*``) adds dtypes, restore and round trips;
 the loader on a tiny Flux model is in tests/comfy/test_dit_formats.py.
@@ -14,25 +14,10 @@ import torch
 from loralab.lora import LoraError, apply, parse
 from loralab.lora.adapters.oft_flux import FluxOFT
 from loralab.lora.bypass import attach
+from support.family_loras import kohya_oft_weight
 from tolerances import TOL, rel_err
 
 PREFIX = "oft_unet_single_blocks_0_linear1"
-
-
-def kohya_weight(parts: list[torch.Tensor], alpha: float, w: torch.Tensor, multiplier: float) -> torch.Tensor:
-    out, row = [], 0
-    for blocks in parts:
-        k, n, _ = blocks.shape
-        q = blocks - blocks.transpose(1, 2)
-        norm = torch.norm(q.flatten())
-        q = q * ((torch.clamp(norm, max=alpha * k * n) + 1e-8) / (norm + 1e-8))
-        eye = torch.eye(n).unsqueeze(0).repeat(k, 1, 1)
-        r = torch.matmul(eye + q, (eye - q).inverse())
-        r = multiplier * (r - eye) + eye
-        part = w[row:row + k * n].reshape(k, n, -1)
-        out.append(torch.einsum("knm,knp->kmp", r, part).reshape(k * n, -1))
-        row += k * n
-    return torch.cat(out, dim=0)
 
 
 def file(parts: list[torch.Tensor], alpha: float, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
@@ -60,7 +45,7 @@ def test_matches_oft_flux_forward(alpha, strength):
     (a,) = parse(file(parts, alpha), file="oft.safetensors").modules[PREFIX]
     assert isinstance(a, FluxOFT) and a.rows == (8, 8, 8, 12) and a.rank == 2
     w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
-    want = kohya_weight(parts, alpha, w0, strength)
+    want = kohya_oft_weight(parts, alpha, w0, strength)
     assert rel_err(want, w0) > 1e-4                                      # the rotation does something
     x = torch.randn(5, 8, generator=g)
     with torch.no_grad():
@@ -84,7 +69,7 @@ def test_alpha_zero_keeps_the_layer_as_it_trained():
     (a,) = parse(file(parts, 0.0), file="oft.safetensors").modules[PREFIX]
     w = torch.randn(36, 8, generator=g)
     assert a.delta(w).abs().max() < 1e-6 * w.abs().max()
-    assert rel_err(w + a.delta(w), kohya_weight(parts, 0.0, w, 1.0)) <= TOL["fp32"]
+    assert rel_err(w + a.delta(w), kohya_oft_weight(parts, 0.0, w, 1.0)) <= TOL["fp32"]
 
 
 def test_split_that_does_not_fit_is_a_clear_error_and_changes_nothing():

@@ -15,9 +15,15 @@ How to use (after the ``comfy`` fixture)::
     f = L.write_peft(m, path, metadata=False)             # no lora_adapter_metadata: alpha = rank
     f = L.write_lycoris(m, path, algo="loha")             # LyCORIS save_weights ("lora", "loha", "lokr")
     f = L.write_kohya(m, path, rank=4, alpha=2.0)         # sd-scripts / musubi-tuner names
+    f = L.write_kohya_mixed(m, path)                      # the same, "lora_unet_blocks_0.self_attn.q" (Wan in the wild)
+    f = L.write_onetrainer(m, path, rank=4, alpha=2.0)    # PEFT's factors as "lora_transformer_<flat>" + .alpha
+    f = L.write_xlabs(flux, path, rank=4)                 # x-flux processor LoRAs (Flux only)
+    f = L.write_kohya_flux_oft(flux, path, alpha=1e-3)    # sd-scripts networks/oft_flux.py (Flux only)
+    L.kohya_oft_weight(parts, alpha, W, multiplier)       # the weight OFTModule.forward runs
     f.deltas                                              # {target: ΔW}
     L.full_deltas(f, L.model_shapes(m))                   # {ComfyUI key: ΔW of the whole weight}
     L.core_deltas(m, f.path)                              # what ComfyUI core's LoraLoader applies
+    L.core_deltas(m, f.path, convert=comfy.lora_convert.convert_uso_lora)   # ... after one of its converters
     L.with_deltas(m, f)                                   # a MODEL clone patched with the reference
     L.diffusers_load_deltas(m, f.path)                    # {twin module: ΔW} as diffusers + PEFT read it
     twin, net, _ = L.lycoris_twin(m, algo="loha")         # LyCORIS' own network on the twin ...

@@ -75,21 +75,27 @@ def swap_halves(delta: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Part:
     """A row block of a fused weight: ``span(R, d, r)`` -> (start, length), from the target's rows R and
-    input width d, or (R None) from the module's own rows r."""
+    input width d, or (R None) from the module's own rows r; ``fits(R, d)``: the weight is fused so."""
     name: str
     span: Callable[[int | None, int, int | None], tuple[int, int]]
+    fits: Callable[[int, int], bool]
 
 
 def _kv(R, d, r):
     return (R - d) // 2 if R is not None else r
 
 
-Q = Part("q", lambda R, d, r: (0, d))
-K = Part("k", lambda R, d, r: (d, _kv(R, d, r)))
-V = Part("v", lambda R, d, r: (d + _kv(R, d, r), _kv(R, d, r)))
-L1 = tuple(Part(n, lambda R, d, r, i=i: (i * d, d)) for i, n in enumerate("qkv"))     # q, k, v of linear1
-MLP = Part("mlp", lambda R, d, r: (3 * d, R - 3 * d if R is not None else r))        # its MLP input rows
-QKV = Part("qkv", lambda R, d, r: (0, 3 * d))                                        # its q, k, v rows together
+def _qkv_fits(R, d):
+    return R > d and (R - d) % 2 == 0
+
+
+Q = Part("q", lambda R, d, r: (0, d), _qkv_fits)
+K = Part("k", lambda R, d, r: (d, _kv(R, d, r)), _qkv_fits)
+V = Part("v", lambda R, d, r: (d + _kv(R, d, r), _kv(R, d, r)), _qkv_fits)
+L1 = tuple(Part(n, lambda R, d, r, i=i: (i * d, d), lambda R, d: R > 3 * d)          # q, k, v of linear1
+           for i, n in enumerate("qkv"))
+MLP = Part("mlp", lambda R, d, r: (3 * d, R - 3 * d if R is not None else r), lambda R, d: R > 3 * d)
+QKV = Part("qkv", lambda R, d, r: (0, 3 * d), lambda R, d: R >= 3 * d)               # linear1's q, k, v together
 SWAP = "swap"
 
 
@@ -315,9 +321,9 @@ def _target(rule: Rule, groups: dict, prefix: str, shapes, width) -> Target | No
         return (key, None, swap_halves)
     if shape is not None:
         R, d = shape
-        start, length = rule.part.span(R, d, None)
-        if length <= 0 or start + length > R:
+        if not rule.part.fits(R, d):
             return None            # the weight is not fused the way this family's is
+        start, length = rule.part.span(R, d, None)
     elif width is not None:
         start, length = rule.part.span(None, width[1], width[0])
     else:
@@ -396,7 +402,7 @@ def _diffusers_name(rules, path: str, offset, fn, shapes, key) -> str | None:
         if hit is None:
             continue
         if offset is not None:
-            if shape is None or (0, *rule.part.span(shape[0], shape[1], None)) != offset:
+            if shape is None or not rule.part.fits(*shape) or (0, *rule.part.span(*shape, None)) != offset:
                 continue
         return rule.file.format(**hit.groupdict())
     return None

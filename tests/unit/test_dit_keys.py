@@ -224,3 +224,11 @@ def test_unknown_arch_is_a_clear_error():
         from loralab.lora.patch import apply
         from loralab.lora.adapters.lora import LoRA
         apply({}, [("x.weight", LoRA(up=torch.ones(1, 1), down=torch.ones(1, 1)), 1.0)])
+
+
+def test_a_weight_not_fused_the_familys_way_gets_no_row_block():
+    """Rows that cannot be q + two equal k/v (or q, k, v + MLP) are not guessed at."""
+    odd = {"diffusion_model.double_blocks.0.img_attn.qkv.weight": (3 * D + 1, D),
+           "diffusion_model.single_blocks.0.linear1.weight": (3 * D, D)}
+    assert dit_keys.comfy_targets("flux", ["transformer.transformer_blocks.0.attn.to_k",
+                                           "transformer.single_transformer_blocks.0.proj_mlp"], odd) == {}

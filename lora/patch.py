@@ -98,6 +98,10 @@ def _diagnose(m: Match, file: Identity | None, model: Identity | None) -> tuple[
         advice.append(f"It holds plain {held} weights and no LoRA factors. It belongs in {home}, not in loras.")
         return f"this file is {a(label)}, not a LoRA", advice
     verdict = mismatch(file, model)
+    if verdict is not None and file.confidence != "high" and m.n_file_keys and m.n_matched_keys == m.n_file_keys:
+        # names several families share (Flux.1's and HunyuanVideo's diffusers blocks), every one of them
+        # in this model: the guess was the other family, the file fits this one
+        verdict = None
     if verdict is not None:
         if file.arch is not model.arch or file.variant_by != "keys" or file.variant is model.variant:
             advice.append(f"The file is {a(file.name)} LoRA ({file.why}). Load it on {a(file.name)} model.")

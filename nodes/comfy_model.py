@@ -201,8 +201,9 @@ def _bypass_changes(root: torch.nn.Module, patches: dict, strength: float):
         except TypeError:
             rest[key] = patch         # not a Linear/Conv (e.g. a norm): merged instead
             continue
-        if function is not None or (offset is not None and (offset[0] != 0 or op.groups != 1)):
-            rest[key] = patch         # no forward route for this target: merged instead
+        if function is not None or (offset is not None and (offset[0] != 0 or op.groups != 1
+                                                            or patch.adapter.target != "weight")):
+            rest[key] = patch         # no forward route for this target (rows of a bias too): merged instead
             continue
         changes.append((key, patch.adapter, strength))
     return changes, rest

@@ -253,3 +253,25 @@ def test_a_flux_oft_split_that_does_not_fit_names_file_and_key(tiny_flux, family
                                         r"'diffusion_model.double_blocks.0.img_attn.qkv.weight' of shape \(384, 128\)"):
         comfy_model().load_lora(tiny_flux.model, None, f.path, 1.0, 0.0)
     assert not tiny_flux.model.patches
+
+
+def test_a_row_block_of_a_bias_is_merged_in_the_forward_pass(tiny_flux, tmp_path):
+    """A diffusers ``to_k`` with a bias diff (``diff_b``): the weight's k rows run in the forward pass,
+    the bias's k rows (no forward route) are merged, and both modes give the same output."""
+    g = torch.Generator().manual_seed(0)
+    h = F.FAMILIES["flux"].unet_config["hidden_size"]
+    name = "transformer.transformer_blocks.0.attn.to_k"
+    sd = {f"{name}.lora_A.weight": torch.randn(2, h, generator=g), f"{name}.lora_B.weight": torch.randn(h, 2, generator=g),
+          f"{name}.diff_b": torch.randn(h, generator=g)}
+    path = str(tmp_path / "k_with_bias.safetensors")
+    save_file(sd, path)
+    merged, _, _ = comfy_model().load_lora(tiny_flux.model, None, path, 0.5, 0.0)
+    bias = "double_blocks.0.img_attn.qkv.bias"
+    before, after = F.comfy_weights(tiny_flux)[bias], F.comfy_weights(merged)[bias]
+    assert torch.equal(after[:h], before[:h]) and torch.equal(after[2 * h:], before[2 * h:])
+    assert rel_err(after[h:2 * h] - before[h:2 * h], 0.5 * sd[f"{name}.diff_b"]) <= TOL["reference_fp32"]
+    forward, _, report = comfy_model().load_lora(tiny_flux.model, None, path, 0.5, 0.0, bypass=True)
+    assert "1 tensor(s) merged instead" in report.text, report.text
+    assert "LoRA on a" not in report.text       # names SD3 has too, but every key is this model's
+    inp = F.inputs(tiny_flux)
+    assert rel_err(F.forward(forward, inp), F.forward(merged, inp)) <= TOL["bypass_fp32"]

@@ -437,6 +437,19 @@ def test_mismatch_needs_evidence():
     assert mismatch(small, big) == "a Wan 1.3B LoRA on a Wan 2.1/2.2 T2V 14B model"
 
 
+def test_a_guess_between_families_the_model_fits_whole_is_no_mismatch():
+    """A diffusers attention LoRA on a few of the blocks Flux.1 and HunyuanVideo share: identify guesses
+    Flux.1 (medium). On a HunyuanVideo model that matches every key the report must not call it a Flux.1
+    LoRA; with keys left over, or a guess that is not shared, it still does."""
+    file = arch.identify(lora(blocks("transformer.transformer_blocks.{i}.attn.to_q", 2, (3072, 3072)), naming="peft"))
+    assert (file.arch.id, file.confidence) == ("flux", "medium")
+    model = arch.identify_model("HunyuanVideo", {})
+    assert "LoRA on a" not in _match(4, 4).summary(file, model)
+    assert "a Flux.1 LoRA on a HunyuanVideo model" in _match(2, 4).summary(file, model)
+    wan = arch.identify(lora(flat(blocks(WAN, 30, (1536, 1536)), "lora_unet_")))
+    assert wan.confidence == "high" and "LoRA on a" in _match(4, 4).summary(wan, model)
+
+
 def test_readme_lists_every_family_and_variant():
     """README's "Model families" table is the users' view of the table: keep them in step."""
     import os

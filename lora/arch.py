@@ -279,7 +279,7 @@ ARCHS: tuple[Arch, ...] = (
          names={"native": _FLUX_NATIVE,
                 "diffusers": (_MMDIT_DIFFUSERS, _SINGLE_DIFFUSERS,
                               r"(x_embedder|context_embedder|time_text_embed_\w+|norm_out_linear|proj_out)$"),
-                "xlabs": (r"(double|single)_blocks_\d+_processor_(qkv|proj)_lora[12]?$",)},
+                "xlabs": (r"(double|single)_blocks_\d+_processor_(qkv|proj)(_lora[12]?)?$",)},
          marks=(r"(double|single)_blocks_\d+_processor_", r"double_blocks_\d+_(img|txt)_mlp_[02]$",
                 r"double_blocks_\d+_(img|txt)_mod_lin$", r"single_blocks_\d+_(modulation_lin|linear1_qkv)$",
                 r"distilled_guidance_layer_", _SINGLE_DIFFUSERS),
@@ -703,7 +703,7 @@ _TE_HEADS = (
 )
 # wrappers around a diffusion model's module path; stripped repeatedly
 _WRAPPERS = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.",
-             "lora_unet_", "lora_transformer_", "lycoris_")
+             "lora_unet_", "lora_transformer_", "lycoris_", "oft_unet_")
 _FACTOR_LIKE = re.compile(r"lora|(^|[._])(up|down)\.weight$|\.alpha$|hada_|lokr_|oft_|\.diff(_b)?$|dora_scale")
 _UNKNOWN_SUFFIX = re.compile(r"\.(up|down)\.weight$|\.(weight|bias)$")
 _WIDTH_ROLES = {"down", "hada_w1_b", "hada_w2_b", "diff"}

@@ -39,8 +39,8 @@ original weight, not one after another as merged mode does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
@@ -51,6 +51,23 @@ if TYPE_CHECKING:
     from .adapters.base import Adapter
 
 __all__ = ["Bypassed", "Entry", "Op", "attach", "bias_delta", "delta_output", "on_channels", "weight_delta"]
+
+
+def _rows_of(key, adapter: "Adapter") -> tuple[str, tuple[int, int] | None]:
+    """(tensor key, (start, length) of a row block or None) of a key ``attach`` accepts."""
+    if isinstance(key, str):
+        return key, None
+    name, offset, *function = key
+    if function and function[0] is not None:
+        raise LoraError(f"{name!r}: a target whose layout the key map changes has no forward route (merge it)",
+                        file=adapter.file, key=adapter.prefix)
+    if offset is None:
+        return name, None
+    dim, start, length = offset
+    if dim != 0:
+        raise LoraError(f"{name!r}: only row blocks (dim 0) have a forward route, not dim {dim}",
+                        file=adapter.file, key=adapter.prefix)
+    return name, (int(start), int(length))
 
 
 def weight_delta(adapter: "Adapter", weight: torch.Tensor, strength: float) -> torch.Tensor:
@@ -75,9 +92,10 @@ def bias_delta(adapter: "Adapter", bias: torch.Tensor, strength: float, ndim: in
 
 @dataclass(eq=False)
 class Entry:
-    key: str
+    key: Any                                # the tensor key, or (key, (0, start, length)) for a row block
     adapter: "Adapter"
     strength: float
+    rows: tuple[int, int] | None = None     # (start, length) of the output rows the adapter changes
 
 
 @dataclass(eq=False)
@@ -100,11 +118,22 @@ class _Layer:
             if module.bias is not None:
                 base = base - on_channels(module.bias.to(base), base.dim(), self.op.channel_axis)
         acc = output.to(math)
+        axis = self.op.channel_axis
+        blocks = None       # Δy of row-block adapters (q, k, v of a fused qkv), placed in their rows
         for e in live:
             if e.adapter.target == "bias":
-                acc = acc + bias_delta(e.adapter, module.bias, e.strength, acc.dim(), self.op.channel_axis).to(acc)
-            else:
+                acc = acc + bias_delta(e.adapter, module.bias, e.strength, acc.dim(), axis).to(acc)
+            elif e.rows is None:
                 acc = acc + delta_output(e.adapter, xm, module.weight, e.strength, self.op, base)
+            else:
+                start, length = e.rows
+                op = replace(self.op, shape=(length, *self.op.shape[1:]))
+                dy = delta_output(e.adapter, xm, module.weight.narrow(0, start, length), e.strength, op,
+                                  None if base is None else base.narrow(axis, start, length))
+                blocks = torch.zeros_like(acc) if blocks is None else blocks
+                blocks.narrow(axis, start, length).add_(dy)
+        if blocks is not None:
+            acc = acc + blocks
         return acc.to(output.dtype)
 
 
@@ -132,24 +161,37 @@ class Bypassed:
         self._layers = {}
 
 
-def attach(model: torch.nn.Module, changes: Iterable[tuple[str, "Adapter", float]]) -> Bypassed:
-    """Hook every (tensor key, adapter, strength) onto its layer; all checked before any hook is added."""
+def attach(model: torch.nn.Module, changes: Iterable[tuple[Any, "Adapter", float]]) -> Bypassed:
+    """Hook every (tensor key, adapter, strength) onto its layer; all checked before any hook is added.
+
+    A key is a tensor key, or ``(weight key, (0, start, length))`` for an adapter of a row block of a
+    fused weight (ComfyUI's key-map form): its Δy lands in those output rows. Row blocks need a Linear
+    or an ungrouped conv; a key with a layout function (``(key, offset, function)``) has no forward
+    route (merge those)."""
     modules = dict(model.named_modules())
     layers: dict[str, _Layer] = {}
     for key, adapter, strength in changes:
-        name, _, attr = key.rpartition(".")
+        full, rows = _rows_of(key, adapter)
+        name, _, attr = full.rpartition(".")
         module = modules.get(name)
         tensor = getattr(module, attr, None) if module is not None else None
         if not isinstance(tensor, torch.Tensor) or attr != adapter.target:
-            raise LoraError(f"model has no {adapter.target} tensor {key!r} for {adapter.name}",
+            raise LoraError(f"model has no {adapter.target} tensor {full!r} for {adapter.name}",
                             file=adapter.file, key=adapter.prefix)
-        adapter.check_target(tensor.shape, key)
+        shape = tensor.shape if rows is None else torch.Size((rows[1], *tensor.shape[1:]))
+        if rows is not None and (adapter.target != "weight" or rows[0] + rows[1] > tensor.shape[0]):
+            raise LoraError(f"rows {rows[0]}…{rows[0] + rows[1] - 1} are not a row block of {full!r} "
+                            f"{tuple(tensor.shape)}", file=adapter.file, key=adapter.prefix)
+        adapter.check_target(shape, full)
         if name not in layers:
             try:
                 layers[name] = _Layer(module, Op.of(module))
             except TypeError as e:
-                raise LoraError(f"{key!r}: {e}", file=adapter.file, key=adapter.prefix) from None
-        layers[name].entries.append(Entry(key, adapter, float(strength)))
+                raise LoraError(f"{full!r}: {e}", file=adapter.file, key=adapter.prefix) from None
+        if rows is not None and layers[name].op.groups != 1:
+            raise LoraError(f"{full!r}: a row block of a grouped conv has no forward route (merge it)",
+                            file=adapter.file, key=adapter.prefix)
+        layers[name].entries.append(Entry(key, adapter, float(strength), rows))
     for layer in layers.values():
         layer.hook = layer.module.register_forward_hook(layer, with_kwargs=True)
     return Bypassed(layers)

@@ -28,11 +28,13 @@ MAX_TAGS = 40            # dataset tags returned; the rest are only counted
 MAX_TRIGGER_TAGS = 5     # tags taken as trigger words when the file names none
 
 _ALGORITHMS = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "IA3", "glora": "GLoRA", "oft": "OFT",
-               "boft": "BOFT", "diff": "full diff", "diff_b": "full diff", "w_norm": "norm diff",
-               "b_norm": "norm diff", "set_weight": "set weight", "dylora": "DyLoRA", "locon": "LoCon"}
+               "boft": "BOFT", "oft_flux": "OFT (kohya Flux)", "diff": "full diff", "diff_b": "full diff",
+               "w_norm": "norm diff", "b_norm": "norm diff", "set_weight": "set weight", "dylora": "DyLoRA",
+               "locon": "LoCon"}
 # role whose first dimension is the rank, per algorithm (OFT: the block size)
 _RANK_ROLE = {"lora": ("down",), "loha": ("hada_w1_b",), "lokr": ("lokr_w1_b", "lokr_w2_b"),
-              "glora": ("glora_b2",), "oft": ("oft_blocks",)}
+              "glora": ("glora_b2",), "oft": ("oft_blocks",),
+              "oft_flux": ("oft_part_0",)}
 
 
 def image_type(path: str) -> str | None:

@@ -13,7 +13,7 @@ import torch
 
 from .adapters import Parsed
 from .adapters.base import Adapter
-from .arch import Identity, a, flat_name
+from .arch import Arch, Identity, a, flat_name
 from .errors import LoraError, check_finite
 from .keys import canonical, describe
 
@@ -98,6 +98,10 @@ def _diagnose(m: Match, file: Identity | None, model: Identity | None) -> tuple[
         advice.append(f"It holds plain {held} weights and no LoRA factors. It belongs in {home}, not in loras.")
         return f"this file is {a(label)}, not a LoRA", advice
     verdict = mismatch(file, model)
+    if verdict is not None and file.confidence != "high" and m.n_file_keys and m.n_matched_keys == m.n_file_keys:
+        # names several families share (Flux.1's and HunyuanVideo's diffusers blocks), every one of them
+        # in this model: the guess was the other family, the file fits this one
+        verdict = None
     if verdict is not None:
         if file.arch is not model.arch or file.variant_by != "keys" or file.variant is model.variant:
             advice.append(f"The file is {a(file.name)} LoRA ({file.why}). Load it on {a(file.name)} model.")
@@ -126,6 +130,7 @@ def _diagnose(m: Match, file: Identity | None, model: Identity | None) -> tuple[
 
 
 def bias_key(key: Any) -> Any:
+    """The bias beside a weight key, in the same form (a slice's rows of the bias for a fused weight)."""
     name = key if isinstance(key, str) else key[0]
     if name.endswith(".weight"):
         bias = name[: -len(".weight")] + ".bias"
@@ -180,14 +185,26 @@ def tensors_of(obj: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str
     return obj.state_dict(keep_vars=True) if isinstance(obj, torch.nn.Module) else obj
 
 
+def split_target(key) -> tuple[str, tuple[int, int, int] | None, Any]:
+    """(tensor name, (dim, start, length) or None, function or None) of a key in any form a key map
+    gives: ``"a.weight"``; ``(key, dim, start, length)`` (sd_keys: OpenCLIP's q/k/v ``in_proj_weight``);
+    ComfyUI's ``(key, (dim, start, length))`` and ``(key, offset, function)``, where ``function`` turns
+    a ΔW in the file's layout into the model's (``dit_keys.swap_halves``)."""
+    if isinstance(key, str):
+        return key, None, None
+    if len(key) == 4 and isinstance(key[1], int):
+        return key[0], tuple(key[1:]), None
+    offset = tuple(key[1]) if len(key) > 1 and key[1] is not None else None
+    return key[0], offset, key[2] if len(key) > 2 else None
+
+
 def target_view(tensors: Mapping[str, torch.Tensor], key) -> torch.Tensor:
-    """The tensor a key names: ``"a.weight"``, or a slice ``(key, dim, start, length)`` of a fused
-    tensor (OpenCLIP's q/k/v ``in_proj_weight``, see sd_keys)."""
-    name = key if isinstance(key, str) else key[0]
+    """The tensor a key names (see ``split_target``): the whole tensor, or the rows of its slice."""
+    name, offset, _ = split_target(key)
     t = tensors.get(name)
     if t is None:
         return None
-    return t if isinstance(key, str) else t.narrow(key[1], key[2], key[3])
+    return t if offset is None else t.narrow(*offset)
 
 
 def _fusable(adapter: Adapter) -> bool:
@@ -261,51 +278,82 @@ def apply(obj: torch.nn.Module | Mapping[str, torch.Tensor],
           changes: Iterable[tuple[Any, Adapter, float]]) -> Patched:
     """Add every (key, adapter, strength) change in place; all or nothing.
 
-    All results are computed and checked before the first tensor is written, so a bad adapter
-    (wrong shape, non-finite result) leaves the model exactly as it was.
+    Changes to one tensor (whole, or row blocks of it) apply one after another, in order, as ComfyUI's
+    ModelPatcher applies a weight's patches. All results are computed and checked before the first
+    tensor is written, so a bad adapter (wrong shape, non-finite result) leaves the model exactly as it was.
     """
     tensors = tensors_of(obj)
-    by_key: dict[Any, list[tuple[Adapter, float]]] = {}
+    by_name: dict[str, list[tuple[Any, Adapter, float]]] = {}
     for key, adapter, strength in changes:
         view = target_view(tensors, key)
         if view is None:
             raise LoraError(f"model has no tensor {key!r}", file=adapter.file, key=adapter.prefix)
-        adapter.check_target(view.shape, key if isinstance(key, str) else key[0])
-        by_key.setdefault(key, []).append((adapter, strength))
-    new: dict[Any, torch.Tensor] = {}
-    for key, items in by_key.items():
-        work = accumulate_(target_view(tensors, key).detach().to(torch.float32, copy=True), items)
-        check_finite(work, what="patched weight", file=items[0][0].file, key=str(key))
-        new[key] = work
+        adapter.check_target(view.shape, split_target(key)[0])
+        by_name.setdefault(split_target(key)[0], []).append((key, adapter, strength))
+    new: dict[str, torch.Tensor] = {}
+    for name, items in by_name.items():
+        work = tensors[name].detach().to(torch.float32, copy=True)
+        i = 0
+        while i < len(items):
+            key = items[i][0]
+            _, offset, function = split_target(key)
+            if function is not None:
+                # a function moves the adapter's ΔW from the file's layout into the model's
+                view = target_view({name: work}, key)
+                before = view.clone()
+                after = items[i][1].apply_(view.clone(), items[i][2])
+                view.copy_(before + function(after - before))
+                i += 1
+                continue
+            j = i + 1                 # consecutive changes of the same target: one accumulate_
+            while j < len(items) and items[j][0] == key:
+                j += 1
+            run = [(adapter, strength) for _, adapter, strength in items[i:j]]
+            if offset is None:
+                work = accumulate_(work, run)
+            else:
+                view = target_view({name: work}, key)
+                view.copy_(accumulate_(view.clone(), run))
+            i = j
+        check_finite(work, what="patched weight", file=items[0][1].file, key=name)
+        new[name] = work
     handle = Patched(tensors)
-    for key, work in new.items():
-        name = key if isinstance(key, str) else key[0]
-        if name not in handle.backup:
-            handle.backup[name] = tensors[name].detach().clone()
-        target_view(tensors, key).copy_(work)
+    for name, work in new.items():
+        handle.backup[name] = tensors[name].detach().clone()
+        tensors[name].copy_(work)
     return handle
 
 
 def load_into(obj: torch.nn.Module | Mapping[str, torch.Tensor], path: str, strength: float = 1.0, *,
-              key_map: Mapping[str, Any] | None = None, options: dict | None = None) -> tuple[Patched, Match]:
-    """Standalone one-call use: read ``path``, match it to ``obj`` (SD1.x/SD2.x/SDXL names in any
-    naming, via ``sd_keys.model_key_map`` unless a ``key_map`` is given) and patch in place.
+              key_map: Mapping[str, Any] | None = None, options: dict | None = None,
+              arch: Arch | str | None = None) -> tuple[Patched, Match]:
+    """Standalone one-call use: read ``path``, match it to ``obj`` and patch in place.
 
-    Returns the restore handle and the match report; raises LoraError when nothing matches.
+    Without a ``key_map`` the model's family (``arch``, an id such as "wan"; by default what
+    ``arch.identify`` makes of the model's weights) decides the map: SD1.x/SD2.x/SDXL names in any
+    naming through ``sd_keys.model_key_map``; every other family through ``dit_keys.comfy_targets``
+    (its own module names in any wrapper or separator, and the diffusers / XLabs / original names
+    dit_keys knows). Returns the restore handle and the match report; raises LoraError when nothing
+    matches.
     """
     from .adapters import parse
-    from .arch import SD_KEYS, identify
+    from .arch import SD_KEYS, get, identify
+    from .dit_keys import comfy_targets
     from .io import read
     from .sd_keys import model_key_map
 
     tensors = tensors_of(obj)
     f = read(path)
     model = identify(tensors)
-    if key_map is None and model.arch is not None and model.arch.key_map != SD_KEYS:
-        raise LoraError(f"the standalone key map covers SD1.x, SD2.x and SDXL; this model looks like "
-                        f"{a(model.name)} model ({model.why}): pass its key_map", file=f.name)
+    family = get(arch) if isinstance(arch, str) else arch if arch is not None else model.arch
     parsed = parse(f.tensors, file=f.name, options={**(options or {}), "metadata": f.metadata})
-    km = key_map if key_map is not None else model_key_map(list(tensors), {k: t.shape for k, t in tensors.items()})
+    shapes = {k: t.shape for k, t in tensors.items()}
+    if key_map is not None:
+        km = key_map
+    elif family is None or family.key_map == SD_KEYS:
+        km = model_key_map(list(tensors), shapes)
+    else:
+        km = comfy_targets(family, parsed.modules, shapes)
     m = match(parsed, km, file=f.name, n_file_keys=len(f.tensors))
     if not m.targets:
         raise LoraError(m.summary(identify(f.tensors, f.metadata), model), file=f.name)

@@ -24,9 +24,10 @@ from comfy.weight_adapter.base import WeightAdapterBase
 from ..lora import LoraError, Parsed, arch, blocks, match, parse, read
 from ..lora.io import PICKLE_SUFFIXES, read_header
 from ..lora import bypass as bypass_mode
+from ..lora import dit_keys
 from ..lora.adapters.base import Adapter
 from ..lora.keys import canonical
-from ..lora.patch import accumulate_, mismatch
+from ..lora.patch import accumulate_, mismatch, split_target
 
 log = logging.getLogger("LoRA Lab")
 
@@ -194,31 +195,35 @@ class _Root:
         self.modules = dict(module.named_modules())
 
     def bypass_split(self, patches: dict, strength_of) -> tuple[list, dict[float, dict]]:
-        """(bypass changes: (key, adapter, strength) for whole tensors of Linear/Conv layers; the rest
-        to merge, grouped by strength). Keys of other roots are left out; strength 0 is skipped."""
+        """(bypass changes: (key, adapter, strength) for whole tensors of Linear/Conv layers and row
+        blocks of their weights, q, k, v of a fused qkv; the rest to merge, grouped by strength: norms,
+        layout-changed targets, grouped convs, rows of a bias). Keys of other roots are left out;
+        strength 0 is skipped."""
         changes, rest = [], {}
         for key, patch in patches.items():
-            name = key if isinstance(key, str) else key[0]
+            name, offset, function = split_target(key)
             if name not in self.keys:
                 continue
             strength = strength_of(key)
             if strength == 0.0:
                 continue
-            if isinstance(key, str):
-                try:
-                    bypass_mode.Op.of(self.modules.get(key.rpartition(".")[0]))
-                    changes.append((key, patch.adapter, strength))
-                    continue
-                except TypeError:
-                    pass              # not a Linear/Conv (e.g. a norm): merged instead
-            rest.setdefault(strength, {})[key] = patch   # or a slice of a fused weight: merged instead
+            try:
+                op = bypass_mode.Op.of(self.modules.get(name.rpartition(".")[0]))
+            except TypeError:
+                op = None             # not a Linear/Conv (e.g. a norm): merged instead
+            routed = op is not None and function is None and (
+                offset is None or (offset[0] == 0 and op.groups == 1 and patch.adapter.target == "weight"))
+            if routed:
+                changes.append((key, patch.adapter, strength))
+            else:
+                rest.setdefault(strength, {})[key] = patch
         return changes, rest
 
     def merge_groups(self, patches: dict, strength_of) -> dict[float, dict]:
         """This root's patches grouped by strength (add_patches takes one per call); 0 skipped."""
         groups: dict[float, dict] = {}
         for key, patch in patches.items():
-            if (key if isinstance(key, str) else key[0]) in self.keys:
+            if split_target(key)[0] in self.keys:
                 strength = strength_of(key)
                 if strength != 0.0:
                     groups.setdefault(strength, {})[key] = patch
@@ -242,17 +247,36 @@ def model_arch(model) -> arch.Identity | None:
     return arch.identify_model(type(config).__name__, config.unet_config, shapes=shapes)
 
 
-def key_map(model, clip) -> dict:
+def key_map(model, clip, modules=()) -> dict:
+    """File module name -> the model's target, for ``lora.patch.match``.
+
+    ComfyUI's own maps (``comfy.lora.model_lora_keys_unet/clip``) first; then, for the ``modules`` of the
+    file that neither they nor their kohya form (``keys.canonical``) name, LoRA Lab's
+    (``lora.dit_keys.comfy_targets``: the model's module paths in any wrapper and separator, and the
+    diffusers / XLabs / original names core drops for Flux, HunyuanVideo, Wan, Lumina 2 and Z-Image).
+    Where ComfyUI has a name it decides, so what core loads right loads the same.
+    """
     km: dict = {}
     if model is not None:
         km = comfy.lora.model_lora_keys_unet(model.model, km)
     if clip is not None:
         km = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, km)
-    return km
+    return with_dit_targets(km, model, modules)
+
+
+def with_dit_targets(km: dict, model, modules) -> dict:
+    """``km`` plus LoRA Lab's targets for the file ``modules`` it does not name (see :func:`key_map`);
+    ``km`` itself is not changed."""
+    missing = [m for m in modules if m not in km and canonical(m) not in km]
+    if model is None or not missing:
+        return km
+    ident = model_arch(model)
+    shapes = {k: v.shape for k, v in model.model.state_dict().items() if k.startswith(dit_keys.UNET)}
+    return {**km, **dit_keys.comfy_targets(ident.arch if ident is not None else None, missing, shapes)}
 
 
 def _target_shape(root: torch.nn.Module, key) -> torch.Size | None:
-    name, offset = (key, None) if isinstance(key, str) else (key[0], key[1])
+    name, offset, _ = split_target(key)
     try:
         t = comfy.utils.get_attr(root, name)
     except AttributeError:
@@ -302,7 +326,7 @@ def _labelled(e: LoraError, label: str) -> LoraError:
     return out
 
 
-def _prepare(item: Item, km: dict, roots: list, model_id, has_clip: bool, cache: dict | None) -> _Prepared:
+def _prepare(item: Item, model, km: dict, roots: list, model_id, has_clip: bool, cache: dict | None) -> _Prepared:
     """Read, match and check one item against the model (raises LoraError; nothing is cloned)."""
     if isinstance(item.source, dict):
         name = "LORA_MODEL input"
@@ -311,13 +335,14 @@ def _prepare(item: Item, km: dict, roots: list, model_id, has_clip: bool, cache:
         name = os.path.basename(item.source)
         sub = None if cache is None else cache.setdefault(item.source, {})
         parsed, n_keys, file_arch = _parsed(item.source, item.options, sub)
+    km = with_dit_targets(km, model, parsed.modules)
     m = match(parsed, km, file=name, n_file_keys=n_keys, skip=() if has_clip else ("lora_te",))
     patches = {}
     for t in m.targets:
         shape = next((s for s in (_target_shape(r, t.key) for r in roots) if s is not None), None)
         if shape is not None:
             try:
-                t.adapter.check_target(shape, t.key if isinstance(t.key, str) else t.key[0])
+                t.adapter.check_target(shape, split_target(t.key)[0])
             except LoraError as e:
                 raise _with_diagnosis(e, file_arch, model_id) from None
         patches[t.key] = ComfyPatch(t.adapter)
@@ -340,7 +365,8 @@ def _item_text(p: _Prepared, model_id, bypass: bool, has_clip: bool) -> str:
     if p.weights is not None:
         text += f"\nblock weights {it.blocks}: {blocks.describe(p.blocks_layout, p.weights)}"
     if p.merged_instead:
-        text += f"; {p.merged_instead} tensor(s) merged instead (not a Linear/Conv weight)"
+        text += (f"; {p.merged_instead} tensor(s) merged instead (no forward route: not a Linear/Conv weight, "
+                 "or a target whose rows the key map reorders)")
     if p.n_te_ignored:
         text += f"; {p.n_te_ignored} text-encoder module(s) ignored (no CLIP input)"
     return f"{it.label}: {text}" if it.label else text
@@ -377,7 +403,7 @@ def load_loras(model, clip, items: list[Item], *, cache: dict | None = None, byp
     prepared = []
     for item in items:
         try:
-            prepared.append(_prepare(item, km, roots, model_id, clip is not None, cache))
+            prepared.append(_prepare(item, model, km, roots, model_id, clip is not None, cache))
         except LoraError as e:
             raise _labelled(e, item.label) from None
     if cache is not None:   # forget files no longer in the stack

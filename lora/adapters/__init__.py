@@ -24,6 +24,7 @@ from .loha import LoHa
 from .lokr import LoKr
 from .lora import LoRA
 from .oft import OFT
+from .oft_flux import FluxOFT
 
 ADAPTERS: dict[str, type[Adapter]] = {}
 # suffix -> (role, classes that declare it; () for roles every algorithm may carry); longest first
@@ -49,7 +50,7 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 
 
 # PEFT's DoRA magnitude is a LoRA role ("peft_magnitude"): its strength rule differs from dora_scale's.
-for _cls in (LoRA, Diff, DiffBias, NormWeight, NormBias, SetWeight, LoHa, LoKr, IA3, GLoRA, OFT, BOFT):
+for _cls in (LoRA, Diff, DiffBias, NormWeight, NormBias, SetWeight, LoHa, LoKr, IA3, GLoRA, OFT, BOFT, FluxOFT):
     register(_cls)
 
 

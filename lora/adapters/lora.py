@@ -34,6 +34,8 @@ _SUFFIXES = {
     ".lora.up.weight": "up", ".lora.down.weight": "down",
     "_lora.up.weight": "up", "_lora.down.weight": "down",
     ".lora_linear_layer.up.weight": "up", ".lora_linear_layer.down.weight": "down",
+    # XLabs (x-flux LoRALinearLayer: ``….processor.qkv_lora1.down.weight``), after every longer suffix
+    ".up.weight": "up", ".down.weight": "down",
     # Mochi / bare PEFT tensors without ".weight"
     ".lora_B": "up", ".lora_A": "down",
     # PEFT DoRA magnitude (one per output channel); PEFT's own strength rule, see dora.py

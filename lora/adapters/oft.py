@@ -50,8 +50,12 @@ def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
 
 def cayley_offset(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
     """R − I = 2Q(I − Q)⁻¹ per block, without the cancellation of R − I."""
-    q = skew(blocks, constraint)
-    eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
+    return offset_of_skew(skew(blocks, constraint))
+
+
+def offset_of_skew(q: torch.Tensor) -> torch.Tensor:
+    """R − I = 2Q(I − Q)⁻¹ per block for a skew-symmetric Q (the Cayley transform minus I)."""
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
     return torch.linalg.solve(eye - q, 2 * q, left=False)
 
 
@@ -67,8 +71,30 @@ def rotate(t: torch.Tensor, axis: int, r: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).movedim(-1, axis)
 
 
+class OutputChange(Adapter):
+    """An adapter whose ΔW is a change ``change(W, 0)`` of W's output rows that acts on the layer's output
+    the same way (a rotation of output channels): bypass applies it to W·x, never building ΔW."""
+
+    def change(self, t: torch.Tensor, axis: int) -> torch.Tensor:
+        """What the merged layer adds to t along its channel ``axis`` at strength 1."""
+        raise NotImplementedError
+
+    def delta(self, weight):
+        self.check_target(weight.shape, self.prefix)
+        return self.change(weight.float(), 0)
+
+    def uses_base(self):
+        return True
+
+    def delta_forward(self, x, weight, op, scale, base=None):
+        if op.groups != 1:
+            return None
+        base = op(x, weight.to(device=x.device, dtype=x.dtype)) if base is None else base
+        return self.change(base, op.channel_axis) * scale
+
+
 @dataclass(eq=False, repr=False)
-class OFT(Adapter):
+class OFT(OutputChange):
     name = "oft"
     label = "OFT"
     roles = {".oft_blocks": "oft_blocks", ".oft_diag": "oft_diag", ".rescale": "oft_rescale"}
@@ -170,19 +196,6 @@ class OFT(Adapter):
             return d
         rho = on_channels(self.rescale.to(device=t.device, dtype=t.dtype).flatten(), t.dim(), axis)
         return d * rho + t * (rho - 1)
-
-    def delta(self, weight):
-        self.check_target(weight.shape, self.prefix)
-        return self.change(weight.float(), 0)
-
-    def uses_base(self):
-        return True
-
-    def delta_forward(self, x, weight, op, scale, base=None):
-        if op.groups != 1:
-            return None
-        base = op(x, weight.to(device=x.device, dtype=x.dtype)) if base is None else base
-        return self.change(base, op.channel_axis) * scale
 
     def check_target(self, shape, key):
         t = self.stored

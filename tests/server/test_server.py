@@ -179,3 +179,50 @@ def test_bad_inputs_error_and_server_keeps_serving(srv):
     assert "model tensor(s) at strength 0.5" in server.reports(entry, prompt)["2"]
     assert srv.alive()
     assert snapshot(folder) == before, "something was written into the loras folder"
+
+
+def test_diffusers_named_wan_lora_through_post_prompt(srv, comfy):
+    """A Wan LoRA whose keys ComfyUI core drops (diffusers / PEFT names, and a kohya name with the
+    mixed separators files in the wild have) queued as a workflow: Load Diffusion Model (the tiny
+    Wan 2.1 T2V) -> Load LoRA, model only -> core's ModelSave. The saved weights are the base plus
+    strength · ΔW computed from the file, on the layers the file names (diffusers -> ComfyUI by hand)."""
+    from support import families as F
+
+    models = os.path.join(srv.base, "models", "diffusion_models")
+    unet = F.write_diffusion_model("wan21_t2v", models)
+    base = load_file(unet)
+    layers = {"transformer.blocks.0.attn1.to_q": "blocks.0.self_attn.q", "transformer.blocks.1.attn2.to_out.0":
+              "blocks.1.cross_attn.o", "transformer.blocks.0.ffn.net.0.proj": "blocks.0.ffn.0",
+              "transformer.proj_out": "head.head", "lora_unet_blocks_1.self_attn.v": "blocks.1.self_attn.v"}
+    g = torch.Generator().manual_seed(0)
+    sd, deltas = {}, {}
+    for name, layer in layers.items():
+        out_f, in_f = base[layer + ".weight"].shape
+        down, up = torch.randn(2, in_f, generator=g) * 0.1, torch.randn(out_f, 2, generator=g) * 0.1
+        if name.startswith("lora_unet_"):        # kohya: alpha / rank
+            sd |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(1.0)}
+            deltas[layer] = up @ down * 0.5
+        else:                                    # PEFT without metadata: scale 1
+            sd |= {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up}
+            deltas[layer] = up @ down
+    os.makedirs(os.path.join(loras_dir(srv), "loralab_dit"), exist_ok=True)
+    save_file(sd, os.path.join(loras_dir(srv), "loralab_dit", "wan_diffusers_names.safetensors"))
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": os.path.basename(unet), "weight_dtype": "default"}},
+        "2": {"class_type": "LoraLabLoraLoaderModelOnly",
+              "inputs": {"model": ["1", 0], "lora_name": "loralab_dit/wan_diffusers_names.safetensors",
+                         "strength_model": 0.5}},
+        "3": {"class_type": "ModelSave", "inputs": {"model": ["2", 0], "filename_prefix": "loralab_dit/wan_lora"}},
+    }
+    entry = srv.run(prompt)
+    assert entry["status"]["status_str"] == "success", server.error_text(entry) + "\n" + srv.log_tail()
+    report = server.reports(entry, prompt)["2"]
+    assert f"{len(sd)} of {len(sd)} keys match this model (100%, 5 tensors patched)" in report, report
+    saved_dir = os.path.join(srv.base, "output", "loralab_dit")
+    (saved,) = [f for f in os.listdir(saved_dir) if f.startswith("wan_lora")]
+    after = {k.split("diffusion_model.", 1)[-1]: v for k, v in load_file(os.path.join(saved_dir, saved)).items()}
+    for layer, d in deltas.items():
+        got = after[layer + ".weight"].float() - base[layer + ".weight"]
+        assert torch.allclose(got, 0.5 * d, rtol=0, atol=1e-6 * base[layer + ".weight"].abs().max()), layer
+    untouched = [k for k in base if k[:-len(".weight")] not in deltas]
+    assert all(torch.equal(after[k].float(), base[k]) for k in untouched)

@@ -17,7 +17,8 @@ nodes do; after every test the shared weights are checked, and restored if a tes
 Per module:
     one_torch_thread  torch.set_num_threads(1) for the module (``pytest.mark.usefixtures``)
 Per test:
-    family_lora     family_lora(tiny, producer="peft" | "lycoris" | "kohya", **writer kwargs) ->
+    family_lora     family_lora(tiny, producer="peft" | "lycoris" | "kohya" | "kohya_mixed" | "onetrainer"
+                    | "xlabs" | "oft_flux", **writer kwargs) ->
                     family_loras.LoraFile written into the loras folder, named after the test
 """
 from __future__ import annotations
@@ -161,7 +162,9 @@ def family_lora(request, comfy):
     """family_lora(tiny, producer="peft", name=None, subfolder="", **kwargs) -> LoraFile in loras/."""
     from . import family_loras as L
 
-    writers = {"peft": L.write_peft, "lycoris": L.write_lycoris, "kohya": L.write_kohya}
+    writers = {"peft": L.write_peft, "lycoris": L.write_lycoris, "kohya": L.write_kohya,
+               "kohya_mixed": L.write_kohya_mixed, "onetrainer": L.write_onetrainer, "xlabs": L.write_xlabs,
+               "oft_flux": L.write_kohya_flux_oft}
     counter = iter(range(10**6))
 
     def make(tiny, producer: str = "peft", *, name: str | None = None, subfolder: str = "", **kwargs):

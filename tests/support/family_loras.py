@@ -15,9 +15,15 @@ How to use (after the ``comfy`` fixture)::
     f = L.write_peft(m, path, metadata=False)             # no lora_adapter_metadata: alpha = rank
     f = L.write_lycoris(m, path, algo="loha")             # LyCORIS save_weights ("lora", "loha", "lokr")
     f = L.write_kohya(m, path, rank=4, alpha=2.0)         # sd-scripts / musubi-tuner names
+    f = L.write_kohya_mixed(m, path)                      # the same, "lora_unet_blocks_0.self_attn.q" (Wan in the wild)
+    f = L.write_onetrainer(m, path, rank=4, alpha=2.0)    # PEFT's factors as "lora_transformer_<flat>" + .alpha
+    f = L.write_xlabs(flux, path, rank=4)                 # x-flux processor LoRAs (Flux only)
+    f = L.write_kohya_flux_oft(flux, path, alpha=1e-3)    # sd-scripts networks/oft_flux.py (Flux only)
+    L.kohya_oft_weight(parts, alpha, W, multiplier)       # the weight OFTModule.forward runs
     f.deltas                                              # {target: ΔW}
     L.full_deltas(f, L.model_shapes(m))                   # {ComfyUI key: ΔW of the whole weight}
     L.core_deltas(m, f.path)                              # what ComfyUI core's LoraLoader applies
+    L.core_deltas(m, f.path, convert=comfy.lora_convert.convert_uso_lora)   # ... after one of its converters
     L.with_deltas(m, f)                                   # a MODEL clone patched with the reference
     L.diffusers_load_deltas(m, f.path)                    # {twin module: ΔW} as diffusers + PEFT read it
     twin, net, _ = L.lycoris_twin(m, algo="loha")         # LyCORIS' own network on the twin ...
@@ -51,6 +57,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -390,6 +397,166 @@ def kohya_reference(m, path: str, names: list[str]) -> LoraFile:
     return LoraFile(path, "kohya", fam.name, deltas, modules, header)
 
 
+def write_kohya_mixed(m, path: str, **kwargs) -> LoraFile:
+    """A kohya file whose module names keep their dots after the first block index, as Wan LoRAs in the
+    wild have them (``lora_unet_blocks_26.cross_attn.o.lora_down.weight``): ComfyUI core drops them."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as d:
+        f = write_kohya(m, os.path.join(d, "plain.safetensors"), **kwargs)
+        sd, meta = _read(f.path)
+    renamed = {_mixed(k): v for k, v in sd.items()}
+    _write_atomic(path, lambda tmp: save_file(renamed, tmp, metadata=meta))
+    return LoraFile(path, "kohya_mixed", f.family, f.deltas, {_mixed(k): t for k, t in f.modules.items()}, meta)
+
+
+def _mixed(key: str) -> str:
+    """lora_unet_blocks_0_self_attn_q.alpha -> lora_unet_blocks_0.self_attn.q.alpha (dots after the index)."""
+    head, _, tail = key.partition(".")
+    m = re.match(r"(lora_unet_[a-z_]+?_\d+)_(.*)", head)
+    return f"{m.group(1)}.{_unflatten(m.group(2))}.{tail}" if m else key
+
+
+def _unflatten(flat: str) -> str:
+    """ComfyUI Wan module tails back to their dotted form (self_attn_q -> self_attn.q)."""
+    for part in ("self_attn", "cross_attn", "ffn"):
+        if flat.startswith(part + "_"):
+            return part + "." + flat[len(part) + 1:]
+    return flat
+
+
+# ---- OneTrainer ------------------------------------------------------------------------------------
+def write_onetrainer(m, path: str, *, rank: int = 4, alpha: float = 2.0, seed: int = 0, targets=None) -> LoraFile:
+    """The PEFT adapter of ``write_peft`` saved with OneTrainer's names: ``lora_transformer_`` + the flat
+    diffusers path, kohya suffixes and an ``.alpha`` per module (scale alpha / rank)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    fam = F.family(m)
+    tw, _ = peft_twin(m, targets=targets, rank=rank, alpha=alpha, seed=seed)
+    sd = {}
+    for k, v in get_peft_model_state_dict(tw).items():
+        name, role = k.rsplit(".lora_", 1)
+        flat = "lora_transformer_" + name.replace(".", "_")
+        sd[f"{flat}.lora_{'down' if role.startswith('A') else 'up'}.weight"] = v.detach().float()
+        sd[f"{flat}.alpha"] = torch.tensor(float(alpha))
+    _write_atomic(path, lambda tmp: save_file(sd, tmp, metadata={"loralab_test_lora": f"onetrainer {fam.name}"}))
+    places = F.twin_map(m)
+    deltas, modules = {}, {}
+    back, _ = _read(path)
+    for k in back:
+        if k.endswith(".lora_down.weight"):
+            flat = k[: -len(".lora_down.weight")]
+            name = next(n for n in places if "lora_transformer_" + n.replace(".", "_") == flat)
+            d = back[flat + ".lora_up.weight"] @ back[k] * (float(back[flat + ".alpha"]) / back[k].shape[0])
+            deltas[places[name].target] = places[name].to_comfy(d)
+            modules[flat] = places[name].target
+    return LoraFile(path, "onetrainer", fam.name, deltas, modules)
+
+
+# ---- XLabs (x-flux) --------------------------------------------------------------------------------
+def write_xlabs(m, path: str, *, rank: int = 4, seed: int = 0, prefix: str = "", single: bool = True,
+                dtype: torch.dtype = torch.float32) -> LoraFile:
+    """An XLabs Flux LoRA as x-flux's training saves its attention processors: per double block
+    ``processor.qkv_lora1`` / ``proj_lora1`` (image stream), ``qkv_lora2`` / ``proj_lora2`` (text), per
+    single block ``processor.qkv_lora`` / ``proj_lora``, each ``.down.weight`` / ``.up.weight``, no alpha.
+
+    Reference (x-flux ``LoRALinearLayer.forward`` without network_alpha, as its pipeline loads the
+    file): up @ down added to the output of ``img_attn.qkv`` / ``img_attn.proj`` / ``txt_attn.qkv`` /
+    ``txt_attn.proj``; a single block's ``qkv_lora`` to the q, k, v part of ``linear1`` (its first 3·hidden
+    rows), ``proj_lora`` to ``linear2`` (input: attention output and MLP activation)."""
+    from safetensors.torch import save_file
+
+    fam = F.family(m)
+    w = F.comfy_weights(m)
+    h = fam.unet_config["hidden_size"]
+    layers = {}       # file module -> (out, in, target)
+    for i in range(fam.unet_config["depth"]):
+        for lora, layer in (("qkv_lora1", "img_attn.qkv"), ("proj_lora1", "img_attn.proj"),
+                            ("qkv_lora2", "txt_attn.qkv"), ("proj_lora2", "txt_attn.proj")):
+            key = f"double_blocks.{i}.{layer}.weight"
+            layers[f"double_blocks.{i}.processor.{lora}"] = (*w[key].shape, F.UNET + key)
+    for i in range(fam.unet_config["depth_single_blocks"] if single else 0):
+        layers[f"single_blocks.{i}.processor.qkv_lora"] = (3 * h, h, (F.UNET + f"single_blocks.{i}.linear1.weight",
+                                                                     (0, 0, 3 * h)))
+        key = f"single_blocks.{i}.linear2.weight"
+        layers[f"single_blocks.{i}.processor.proj_lora"] = (*w[key].shape, F.UNET + key)
+    sd = {}
+    for name, (out_f, in_f, _) in layers.items():
+        sd[f"{prefix}{name}.down.weight"] = _seeded(f"{name}.down", (rank, in_f), seed).to(dtype)
+        sd[f"{prefix}{name}.up.weight"] = _seeded(f"{name}.up", (out_f, rank), seed, 0.5).to(dtype)
+    _write_atomic(path, lambda tmp: save_file(sd, tmp, metadata={"loralab_test_lora": f"xlabs {fam.name}"}))
+    back, header = _read(path)
+    deltas = {t: back[f"{prefix}{n}.up.weight"] @ back[f"{prefix}{n}.down.weight"] for n, (_, _, t) in layers.items()}
+    return LoraFile(path, "xlabs", fam.name, deltas, {prefix + n: t for n, (_, _, t) in layers.items()}, header)
+
+
+# ---- kohya sd-scripts Flux OFT ---------------------------------------------------------------------
+def kohya_oft_weight(parts: list[torch.Tensor], alpha: float, w: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
+    """The weight sd-scripts' ``networks/oft_flux.py`` OFTModule.forward runs, written out from that file:
+    per part of the output rows, Q = B − Bᵀ scaled by (min(‖Q‖, alpha·rows) + 1e-8) / (‖Q‖ + 1e-8),
+    R = (I + Q)(I − Q)⁻¹, R_s = s·(R − I) + I, then einsum("k n m, k n p -> k m p", R_s, W_part as (k, n, in))."""
+    out, row = [], 0
+    for blocks in parts:
+        blocks = blocks.float()
+        k, n, _ = blocks.shape
+        q = blocks - blocks.transpose(1, 2)
+        norm = torch.norm(q.flatten())
+        q = q * ((torch.clamp(norm, max=alpha * k * n) + 1e-8) / (norm + 1e-8))
+        eye = torch.eye(n).unsqueeze(0).repeat(k, 1, 1)
+        r = multiplier * (torch.matmul(eye + q, (eye - q).inverse()) - eye) + eye
+        out.append(torch.einsum("knm,knp->kmp", r, w[row:row + k * n].reshape(k, n, -1)).reshape(k * n, -1))
+        row += k * n
+    return torch.cat(out, dim=0)
+
+
+def kohya_oft_split(module: str, out: int, hidden: int) -> list[int]:
+    """sd-scripts' split of a Flux layer's rows (its ``[3072] * 3`` and ``[3072] * 3 + [12288]`` at our width)."""
+    if "double" in module and "qkv" in module:
+        return [hidden] * 3
+    if "single" in module and "linear1" in module:
+        return [hidden] * 3 + [out - 3 * hidden]
+    return [out]
+
+
+def write_kohya_flux_oft(m, path: str, *, num_blocks: int = 4, alpha: float = 1e-3, all_linear: bool = True,
+                         hidden: int | None = None, seed: int = 0) -> LoraFile:
+    """A Flux OFT file as sd-scripts' ``networks/oft_flux.py`` saves it: ``oft_unet_`` + the module path
+    with ``.`` -> ``_``, ``.oft_blocks.{i}`` (num_blocks, b_i, b_i) per part, ``.alpha``. Attention only
+    (``SelfAttention``: the double blocks' qkv and proj) or every Linear of the double and single blocks.
+    ``hidden``: split as if the model had this width (a file for another model: its split does not fit).
+    Reference: ``kohya_oft_weight`` on the model's weights."""
+    from safetensors.torch import save_file
+
+    fam = F.family(m)
+    w = F.comfy_weights(m)
+    h = hidden or fam.unet_config["hidden_size"]
+    pattern = r"(double|single)_blocks\.\d+\." if all_linear else r"double_blocks\.\d+\.(img|txt)_attn\."
+    names = [n for n in comfy_linear_modules(m) if re.match(pattern, n)]
+    sd, parts_of = {}, {}
+    for n in names:
+        name = "oft_unet_" + n.replace(".", "_")
+        rows = kohya_oft_split(name, w[n + ".weight"].shape[0], h)
+        # trained blocks are small; these are larger so that ΔW stands well above W's float32 rounding
+        parts = [_seeded(f"{name}.{i}", (num_blocks, r // num_blocks, r // num_blocks), seed, 4.0)
+                 for i, r in enumerate(rows)]
+        sd.update({f"{name}.oft_blocks.{i}": p for i, p in enumerate(parts)})
+        sd[f"{name}.alpha"] = torch.tensor(float(alpha))
+        parts_of[name] = n
+    meta = {"ss_network_module": "networks.oft_flux", "ss_network_dim": str(num_blocks), "ss_network_alpha": str(alpha),
+            "loralab_test_lora": f"kohya flux oft {fam.name}"}
+    _write_atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    back, header = _read(path)
+    deltas, modules = {}, {}
+    for name, n in parts_of.items():
+        parts = [back[f"{name}.oft_blocks.{i}"] for i in range(len([k for k in back if k.startswith(name + ".oft")]))]
+        wt = w[n + ".weight"]
+        if sum(p.shape[0] * p.shape[1] for p in parts) == wt.shape[0]:
+            deltas[F.UNET + n + ".weight"] = kohya_oft_weight(parts, float(back[name + ".alpha"]), wt) - wt
+        modules[name] = F.UNET + n + ".weight"
+    return LoraFile(path, "oft_flux", fam.name, deltas, modules, header)
+
+
 # ---- comparing with ComfyUI core -------------------------------------------------------------------
 def full_deltas(f: LoraFile, shapes: dict[str, tuple] | None = None) -> dict[str, torch.Tensor]:
     """{ComfyUI key: ΔW of the whole weight}: slices of one fused weight summed into place."""
@@ -420,14 +587,17 @@ def model_shapes(m) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in F._patcher(m).model.state_dict().items()}
 
 
-def core_deltas(m, path: str, strength: float = 1.0) -> dict[str, torch.Tensor]:
+def core_deltas(m, path: str, strength: float = 1.0, convert: Callable | None = None) -> dict[str, torch.Tensor]:
     """{ComfyUI key: ΔW} that ComfyUI core's LoraLoader (``comfy.sd.load_lora_for_models``) applies
-    to the MODEL for the file: patched minus unpatched weights, keys it leaves alone omitted."""
+    to the MODEL for the file: patched minus unpatched weights, keys it leaves alone omitted.
+    ``convert``: one of core's ``comfy.lora_convert`` converters to run on the file first (core runs
+    them itself only on files it recognises by full-size key names)."""
     import comfy.sd
     import comfy.utils
 
     patcher = F._patcher(m)
     lora = comfy.utils.load_torch_file(path, safe_load=True)
+    lora = convert(lora) if convert is not None else lora
     patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0)
     after = F.comfy_weights(patched)      # loaded as sampling loads it: core's patches applied
     before = F.comfy_weights(patcher)     # and the MODEL as it came (loaded last)

@@ -193,6 +193,13 @@ def oft(alpha=0.0, rescale=False):
     return build
 
 
+def oft_flux(alpha):
+    """kohya's Flux OFT: the 8 output rows in two parts (q-like, k-like), 2 blocks of 2 each."""
+    def build(shape, rnd):
+        return {".oft_blocks.0": rnd(2, 2, 2), ".oft_blocks.1": rnd(2, 2, 2), ".alpha": torch.tensor(alpha)}
+    return build
+
+
 def oft_diag(shape, rnd):
     q = rnd(2, 4, 4)
     q = q - q.mT
@@ -304,6 +311,8 @@ CASES = [
     Case("oft_constrained", oft(alpha=0.05)),
     Case("oft_rescale", oft(rescale=True)),
     Case("oft_diag", oft_diag),
+    Case("oft_flux", oft_flux(10.0), kinds=("linear",)),
+    Case("oft_flux_constrained", oft_flux(0.05), kinds=("linear",)),
     Case("boft", boft(), merged=boft_rule),
     Case("boft_constrained_rescale", boft(alpha=0.05, rescale=True), merged=boft_rule),
     Case("diff", lambda s, rnd: {".diff": rnd(*s)}),

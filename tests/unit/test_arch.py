@@ -159,6 +159,13 @@ CASES = {   # name: (file keys -> shapes, arch id, variant id or None, width)
                             naming="peft"), "flux", None, 3072),
     "flux xlabs": (lora(blocks("double_blocks.{i}.processor.qkv_lora1|double_blocks.{i}.processor.proj_lora2", 19,
                                (3072, 3072)), rank=16, naming="xlabs"), "flux", None, None),
+    "flux xlabs single blocks": (lora(blocks("single_blocks.{i}.processor.qkv_lora", 38, (9216, 3072))
+                                      | blocks("single_blocks.{i}.processor.proj_lora", 38, (3072, 15360)),
+                                      naming="xlabs"), "flux", None, None),
+    "flux kohya oft": ({f"oft_unet_{m.replace('.', '_')}.oft_blocks.0": (4, 768, 768)
+                        for m in blocks("double_blocks.{i}.img_mod.lin|single_blocks.{i}.linear2", 19, ())}
+                       | {f"oft_unet_single_blocks_{i}_linear1.oft_blocks.{j}": (4, 768, 768)
+                          for i in range(38) for j in range(3)}, "flux", None, None),
     "chroma": (lora({"diffusion_model." + k: v for k, v in (blocks("double_blocks.{i}.img_attn.qkv", 19, (9216, 3072))
                      | {"distilled_guidance_layer.in_proj": (5120, 64)}).items()}), "flux", "chroma", 3072),
     "flux.2": (lora(flat(blocks("double_blocks.{i}.img_attn.qkv", 8, (18432, 6144))
@@ -170,12 +177,19 @@ CASES = {   # name: (file keys -> shapes, arch id, variant id or None, width)
     "hunyuan video diffusers": (lora(blocks("transformer.transformer_blocks.{i}.attn.to_q", 20, (3072, 3072))
                                      | {"transformer.context_embedder.token_refiner.refiner_blocks.0.attn.to_q": (3072, 3072)},
                                      naming="peft"), "hunyuan-video", None, 3072),
+    "hunyuan video simpletuner lycoris": (lora(flat(blocks("transformer_blocks.{i}.attn.to_q", 20, (3072, 3072))
+                                                    | {"context_embedder.token_refiner.refiner_blocks.0.attn.to_q":
+                                                       (3072, 3072)}, "lycoris_")), "hunyuan-video", None, 3072),
     "hunyuan video 1.5": (lora(flat(blocks(HV_DOUBLE, 54, (6144, 2048)), "lora_unet_")),
                           "hunyuan-video", "hunyuan-video-1.5", 2048),
     "wan t2v 14B comfy": (lora({"diffusion_model." + k: v for k, v in blocks(WAN, 40, (5120, 5120)).items()}),
                           "wan", None, 5120),
     "wan t2v 1.3B musubi": (lora(flat(blocks(WAN, 30, (1536, 1536)), "lora_unet_")), "wan", None, 1536),
     "wan fun (lora_unet__)": (lora(flat(blocks(WAN, 30, (1536, 1536)), "lora_unet__")), "wan", None, 1536),
+    "wan mixed separators": (lora({f"lora_unet_blocks_{k.split('.', 2)[1]}.{k.split('.', 2)[2]}": v
+                                   for k, v in blocks(WAN, 30, (1536, 1536)).items()}), "wan", None, 1536),
+    "wan simpletuner lycoris": (lora(flat(blocks("blocks.{i}.attn1.to_q|blocks.{i}.ffn.net.0.proj", 40, (5120, 5120)),
+                                          "lycoris_")), "wan", None, 5120),
     "wan i2v comfy": (lora({"diffusion_model." + k: v for k, v in blocks(WAN + "|" + WAN_I2V, 40, (5120, 5120)).items()}),
                       "wan", "wan21-i2v", 5120),
     "wan i2v diffusers": (lora(blocks("transformer.blocks.{i}.attn1.to_q|transformer.blocks.{i}.attn2.add_k_proj", 40,
@@ -191,6 +205,10 @@ CASES = {   # name: (file keys -> shapes, arch id, variant id or None, width)
     "z-image": (lora({"diffusion_model." + k: v for k, v in
                       blocks("layers.{i}.attention.to_q|layers.{i}.feed_forward.w1", 30, (3840, 3840)).items()}),
                 "lumina2", "z-image", 3840),
+    "z-image diffusers": (lora(blocks("transformer.layers.{i}.attention.to_q", 30, (3840, 3840)), naming="peft"),
+                          "lumina2", "z-image", 3840),
+    "lumina2 simpletuner lycoris": (lora(flat(blocks("layers.{i}.attn.to_q", 26, (2304, 2304)), "lycoris_")),
+                                    "lumina2", "lumina2", 2304),
     "omnigen2": (lora(blocks("transformer.layers.{i}.attn.to_q|transformer.ref_image_refiner.{i}.attn.to_q", 2,
                              (2520, 2520)), naming="peft"), "omnigen2", "omnigen2", 2520),
     "qwen-image": (lora(blocks("transformer_blocks.{i}.attn.to_q|transformer_blocks.{i}.attn.add_q_proj|"
@@ -198,6 +216,11 @@ CASES = {   # name: (file keys -> shapes, arch id, variant id or None, width)
                                (3072, 3072))), "qwen-image", None, 3072),
     "qwen-image attention only": (lora(blocks("transformer.transformer_blocks.{i}.attn.to_q", 60, (3072, 3072)),
                                        naming="peft"), "qwen-image", None, 3072),
+    "qwen-image onetrainer": (lora(flat(blocks("transformer_blocks.{i}.attn.to_q|"
+                                               "transformer_blocks.{i}.img_mlp.net.0.proj", 60, (3072, 3072)),
+                                        "lora_transformer_")), "qwen-image", None, 3072),
+    "hidream diffusers": (lora(blocks("transformer.double_stream_blocks.{i}.block.attn1.to_q", 16, (2560, 2560)),
+                               naming="peft"), "hidream", "hidream-i1", None),
     "hidream": (lora(flat(blocks("double_stream_blocks.{i}.block.attn1.to_q|single_stream_blocks.{i}.block.attn1.to_q",
                                  16, (2560, 2560)), "lycoris_")), "hidream", "hidream-i1", None),
     "auraflow comfy": (lora({"diffusion_model." + k: v for k, v in
@@ -412,6 +435,19 @@ def test_mismatch_needs_evidence():
     big = arch.identify_model("WAN21_T2V", {}, shapes={"blocks.0.self_attn.q.weight": (5120, 5120)})
     assert big.name == "Wan 2.1/2.2 T2V 14B"
     assert mismatch(small, big) == "a Wan 1.3B LoRA on a Wan 2.1/2.2 T2V 14B model"
+
+
+def test_a_guess_between_families_the_model_fits_whole_is_no_mismatch():
+    """A diffusers attention LoRA on a few of the blocks Flux.1 and HunyuanVideo share: identify guesses
+    Flux.1 (medium). On a HunyuanVideo model that matches every key the report must not call it a Flux.1
+    LoRA; with keys left over, or a guess that is not shared, it still does."""
+    file = arch.identify(lora(blocks("transformer.transformer_blocks.{i}.attn.to_q", 2, (3072, 3072)), naming="peft"))
+    assert (file.arch.id, file.confidence) == ("flux", "medium")
+    model = arch.identify_model("HunyuanVideo", {})
+    assert "LoRA on a" not in _match(4, 4).summary(file, model)
+    assert "a Flux.1 LoRA on a HunyuanVideo model" in _match(2, 4).summary(file, model)
+    wan = arch.identify(lora(flat(blocks(WAN, 30, (1536, 1536)), "lora_unet_")))
+    assert wan.confidence == "high" and "LoRA on a" in _match(4, 4).summary(wan, model)
 
 
 def test_readme_lists_every_family_and_variant():

@@ -187,3 +187,49 @@ def test_unsupported_layer_is_refused():
     with pytest.raises(LoraError, match="ConvTranspose2d"):
         attach(model, [("0.weight", a, 1.0)])
     assert not model[0]._forward_hooks
+
+
+def test_row_blocks_of_a_fused_weight_land_in_their_rows():
+    """q, k, v written as three modules onto one fused qkv (ComfyUI's (key, (0, start, length)) targets),
+    one of them an OFT (a rotation of its block's outputs), plus a whole-weight LoRA on top: bypass
+    equals merging each into its rows, for a Linear and an ungrouped conv."""
+    g = torch.Generator().manual_seed(1)
+    for layer, x in ((torch.nn.Linear(12, 24), torch.randn(3, 12, generator=g)),
+                     (torch.nn.Conv2d(6, 24, 3, padding=1), torch.randn(2, 6, 5, 5, generator=g))):
+        inp = layer.weight.shape[1:]
+        kernel = list(inp[1:])
+        sd = {"q.lora_up.weight": r(8, 2, *[1] * len(kernel)), "q.lora_down.weight": r(2, *inp),
+              "k.oft_blocks": r(2, 4, 4, seed=1), "k.alpha": torch.tensor(0.0),
+              "v.diff": r(8, *inp, seed=2),
+              "all.lora_up.weight": r(24, 2, *[1] * len(kernel), seed=3), "all.lora_down.weight": r(2, *inp, seed=3)}
+        mods = parse(sd, file="b.safetensors").modules
+        changes = [(("weight", (0, 0, 8)), mods["q"][0], 0.7), (("weight", (0, 8, 8)), mods["k"][0], 0.7),
+                   (("weight", (0, 16, 8)), mods["v"][0], 0.7), ("weight", mods["all"][0], 0.7)]
+        with torch.no_grad():
+            base_out = layer(x)
+            handle = apply(layer, changes)
+            merged_out = layer(x)
+            handle.restore()
+            hooks = attach(layer, changes)
+            bypass_out = layer(x)
+            hooks.remove()
+        assert rel_err(bypass_out, merged_out) <= TOL and not torch.equal(bypass_out, base_out)
+        axis = -1 if layer.weight.dim() == 2 else 1
+        for i in range(3):     # each block changed its own rows
+            assert not torch.equal(merged_out.narrow(axis, 8 * i, 8), base_out.narrow(axis, 8 * i, 8))
+
+
+def test_row_blocks_that_have_no_forward_route_are_refused():
+    lin = torch.nn.Linear(12, 24)
+    (a,) = parse({"q.diff": r(8, 12)}, file="b.safetensors").modules["q"]
+    with pytest.raises(LoraError, match="rows 20…27 are not a row block of 'weight'"):
+        attach(lin, [(("weight", (0, 20, 8)), a, 1.0)])
+    with pytest.raises(LoraError, match="only row blocks"):
+        attach(lin, [(("weight", (1, 0, 8)), a, 1.0)])
+    with pytest.raises(LoraError, match="whose layout the key map changes"):
+        attach(lin, [(("weight", None, lambda d: d), a, 1.0)])
+    grouped = torch.nn.Conv2d(12, 24, 1, groups=2)
+    (g,) = parse({"q.diff": r(8, 6, 1, 1)}, file="b.safetensors").modules["q"]
+    with pytest.raises(LoraError, match="grouped conv"):
+        attach(grouped, [(("weight", (0, 0, 8)), g, 1.0)])
+    assert not lin._forward_hooks and not grouped._forward_hooks

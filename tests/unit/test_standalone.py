@@ -1,5 +1,6 @@
 """The core used on its own, no ComfyUI: a LoRA file onto a plain torch module or state dict with
-SD1.x / SD2.x / SDXL names (`lora.patch.load_into`), exact to a closed form, exact restore."""
+SD1.x / SD2.x / SDXL names, or another family's through lora.dit_keys (`lora.patch.load_into`), exact
+to a closed form, exact restore."""
 from __future__ import annotations
 
 import pytest
@@ -102,11 +103,17 @@ def test_nothing_matches_names_the_architectures(tmp_path):
         load_into(sd, str(tmp_path / "xl.safetensors"))
 
 
-def test_a_model_the_standalone_map_does_not_cover_is_named(tmp_path):
-    """Our own key map is SD1.x/SD2.x/SDXL's; for a Flux model load_into says so instead of matching nothing."""
-    flux = {f"double_blocks.{i}.img_attn.qkv.weight": torch.empty(9216, 3072, device="meta") for i in range(2)}
-    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 3072),
-               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 2)}, str(tmp_path / "f.safetensors"))
-    with pytest.raises(LoraError, match=r"the standalone key map covers SD1.x, SD2.x and SDXL; this model looks like "
-                                        r"a Flux.1 model \(hidden width 3072; .*\): pass its key_map"):
-        load_into(flux, str(tmp_path / "f.safetensors"))
+def test_other_families_map_through_dit_keys_by_what_the_model_is(tmp_path):
+    """No key_map, no arch: the model's weights say Flux.1 (its qkv's 3072 width, on the meta device: no
+    memory), so its kohya-named file goes through lora.dit_keys (tests/unit/test_dit_keys.py has the rest)."""
+    g = torch.Generator().manual_seed(0)
+    flux = {"double_blocks.0.img_attn.qkv.weight": torch.empty(9216, 3072, device="meta"),
+            "double_blocks.0.img_mod.lin.weight": torch.randn(18, 6, generator=g)}
+    before = flux["double_blocks.0.img_mod.lin.weight"].clone()
+    up, down = torch.randn(18, 2, generator=g), torch.randn(2, 6, generator=g)
+    save_file({"lora_unet_double_blocks_0_img_mod_lin.lora_down.weight": down,
+               "lora_unet_double_blocks_0_img_mod_lin.lora_up.weight": up}, str(tmp_path / "f.safetensors"))
+    handle, m = load_into(flux, str(tmp_path / "f.safetensors"), 0.5)
+    assert rel_err(flux["double_blocks.0.img_mod.lin.weight"] - before, 0.5 * up @ down) <= TOL["fp32"]
+    handle.restore()
+    assert torch.equal(flux["double_blocks.0.img_mod.lin.weight"], before)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""LoRA Lab's LoRA tools on plain files, without ComfyUI (the same code as the tool nodes, so the
-same inputs give the same file, byte for byte with SOURCE_DATE_EPOCH set):
+"""LoRA Lab's LoRA tools on plain files, without ComfyUI. The same code as the tool nodes: the same
+inputs give the same tensors and metadata (set SOURCE_DATE_EPOCH to fix modelspec.date):
 
     loratool.py resize  IN OUT --rank R [--conv-rank C] [--dynamic sv_ratio|sv_fro|sv_cumulative --param P]
     loratool.py merge   OUT IN[:RATIO] IN[:RATIO] ... [--rank R [--conv-rank C]]   (no rank: concatenate)

@@ -21,7 +21,7 @@ Rank rules (``keep``), S the singular values in descending order, r the cap (the
     sv_ratio p     the singular values with S_i ≥ S_0 / p  (largest/smallest kept ≤ p)
     sv_fro p       the fewest ranks whose Frobenius share √(Σ_{i<k} S_i²) / √(Σ S²) is ≥ p
     sv_cumulative p  the fewest ranks whose share of Σ S is ≥ p
-each at least 1 and at most r. kohya's ``resize_lora.py`` (sd-scripts 48d368f) keeps one rank more
+each at least 1 and at most r; a zero ΔW keeps 1 (zero) rank, as kohya writes it. kohya's ``resize_lora.py`` (sd-scripts 48d368f) keeps one rank more
 than these definitions for all three (its ``index_sv_*`` + 1); we keep what the definition says.
 
 Factors (``factors``): up = Uₖ·Σₖ (out, k), down = Vₖᵀ (k, in·k), kohya's split. ``clamp_quantile`` q
@@ -124,8 +124,7 @@ def _svd_gram(m: torch.Tensor):
     divided by (a zero σ gives a zero row, never inf/NaN)."""
     wide = m.shape[0] <= m.shape[1]
     a = (m if wide else m.T).double()
-    evals, evecs = torch.linalg.eigh(a @ a.T)
-    u = evecs.flip(1)
+    u = torch.linalg.eigh(a @ a.T).eigenvectors.flip(1)
     b = u.T @ a                                              # Σ·Vᵀ
     s = torch.linalg.vector_norm(b, dim=1)
     order = torch.argsort(s, descending=True)                # eigh's order, up to rounding near 0
@@ -164,8 +163,10 @@ def keep(s: torch.Tensor, cap: int, method: str | None = None, param: float | No
     if n < 1:
         return 1
     s = s.double()
-    if method is None or float(s[0]) <= ZERO:
-        return max(1, n)
+    if float(s[0]) <= ZERO:          # ΔW = 0: one (zero) rank, as kohya writes it
+        return 1
+    if method is None:
+        return n
     if method == "sv_ratio":
         k = int((s >= s[0] / param).sum())
     else:
@@ -202,7 +203,7 @@ def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
         return torch.quantile(values.float(), q)
     ordered = values.float().sort().values
     pos = q * (ordered.numel() - 1)
-    lo = int(math.floor(pos))
+    lo = math.floor(pos)
     hi = min(lo + 1, ordered.numel() - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 

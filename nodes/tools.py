@@ -95,9 +95,10 @@ class PatcherWeights(Weights):
         found = {v[0][0].dtype for v in self._patches.values()}
         return next((d for d in (torch.float32, torch.bfloat16, torch.float16) if d in found), torch.float32)
 
+    @torch.no_grad()
     def get(self, key):
         (weight, convert_func), *patches = self._patches[key]
-        w = convert_func(weight.to(torch.float32, copy=True), inplace=True)
+        w = convert_func(weight.detach().to(torch.float32, copy=True), inplace=True)
         return comfy.lora.calculate_weight(patches, w, key) if patches else w
 
 
@@ -196,17 +197,22 @@ class LoraLabMergeLoRA(_Tool):
                 "clamp_quantile": CLAMP_IN,
                 "dtype": DTYPE_IN,
                 **{f"block_weights_{i}": blocks for i in range(1, 5)},
+                "model": ("MODEL", {"tooltip": "Optional: the model the LoRAs are for. Layers are then matched by "
+                                    "the weight they change, so files that name the same layers differently "
+                                    "(kohya ldm / diffusers / PEFT names) merge."}),
+                "clip": ("CLIP", {"tooltip": "Optional: its text encoder, likewise for text-encoder layers."}),
             },
         }
 
     def run(self, lora_1, ratio_1, lora_2, ratio_2, rank, filename_prefix, lora_3=NONE, ratio_3=1.0, lora_4=NONE,
             ratio_4=1.0, conv_rank=0, clamp_quantile=0.0, dtype="auto", block_weights_1="", block_weights_2="",
-            block_weights_3="", block_weights_4=""):
+            block_weights_3="", block_weights_4="", model=None, clip=None):
         picked = [(lora_1, ratio_1, block_weights_1), (lora_2, ratio_2, block_weights_2),
                   (lora_3, ratio_3, block_weights_3), (lora_4, ratio_4, block_weights_4)]
         inputs = [merge.MergeInput(_path(n), r, b or None) for n, r, b in picked if n and n != NONE]
+        km = comfy_model.key_map(model, clip) if model is not None or clip is not None else None
         result = merge.merge(inputs, rank=rank or None, conv_rank=conv_rank or None, clamp_quantile=clamp_quantile,
-                             dtype=dtype, device=_device())
+                             dtype=dtype, device=_device(), key_map=km)
         return _write(result, filename_prefix)
 
 

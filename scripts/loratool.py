@@ -3,7 +3,8 @@
 inputs give the same tensors and metadata (set SOURCE_DATE_EPOCH to fix modelspec.date):
 
     loratool.py resize  IN OUT --rank R [--conv-rank C] [--dynamic sv_ratio|sv_fro|sv_cumulative --param P]
-    loratool.py merge   OUT IN[:RATIO] IN[:RATIO] ... [--rank R [--conv-rank C]]   (no rank: concatenate)
+    loratool.py merge   OUT IN[:RATIO] IN[:RATIO] ... [--rank R [--conv-rank C]] [--model MODEL_FILE]
+                        (no rank: concatenate, exact)
     loratool.py convert IN OUT --to kohya|comfy --model MODEL_FILE
     loratool.py extract BASE TUNED OUT --rank R [--conv-rank C | --no-conv] [--dynamic ... --param P]
     loratool.py inspect IN [--model MODEL_FILE] [--json]
@@ -63,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("inputs", nargs="+", metavar="IN[:RATIO]")
     p.add_argument("--rank", type=int, default=None, help="SVD to this rank (default: concatenate, exact)")
+    p.add_argument("--model", default=None, help="the model file: match layers by the weight they change "
+                   "(files that name the same layers differently merge)")
     writing(p, "SVD merge: rank of conv layers with kernels > 1×1 (default: --rank)")
 
     p = sub.add_parser("convert", help="rewrite with kohya's or ComfyUI's key names, algorithm kept")
@@ -104,8 +107,9 @@ def run(args) -> str:
         result = resize.resize(args.input, args.rank, conv_rank=args.conv_rank, method=args.dynamic, param=args.param,
                                clamp_quantile=args.clamp_quantile, dtype=args.dtype, device=args.device)
     elif args.command == "merge":
+        km = extract.FileWeights(args.model).key_map() if args.model else None
         result = merge.merge([merge.MergeInput.parse(t) for t in args.inputs], rank=args.rank, conv_rank=args.conv_rank,
-                             clamp_quantile=args.clamp_quantile, dtype=args.dtype, device=args.device)
+                             clamp_quantile=args.clamp_quantile, dtype=args.dtype, device=args.device, key_map=km)
     elif args.command == "convert":
         weights = extract.FileWeights(args.model)
         result = convert.convert(args.input, weights.key_map(), args.to, model=weights.identity(),

@@ -48,12 +48,15 @@ def module_targets(src: Source, key_map: Mapping[str, Any], *, text_encoder: boo
     the loaders' diagnosis) when a module has no target."""
     skip = () if text_encoder else ("lora_te",)
     m = match(src.parsed, key_map, file=src.name, n_file_keys=len(src.tensors), skip=skip)
+    if m.unmatched:
+        raise LoraError("the file does not fit this model, so it cannot be renamed for it: "
+                        + m.summary(src.identity, model), file=src.name)
     if not text_encoder:
         te = [p for p in src.parsed.modules if canonical(p).startswith("lora_te") or p.startswith(_TE_HEADS)]
         if te:
             raise LoraError(f"{len(te)} module(s) change a text encoder ({describe(te, 3)}): connect the text "
                             "encoder (CLIP) to convert them", file=src.name)
-    if m.unmatched or not m.targets:
+    if not m.targets:
         raise LoraError("the file does not fit this model, so it cannot be renamed for it: "
                         + m.summary(src.identity, model), file=src.name)
     return m.targets
@@ -72,13 +75,13 @@ def convert(source: Source | str, key_map: Mapping[str, Any], style: str, *, mod
     names = naming.names_for(key_map, style, the_arch)
 
     whole: dict[str, list[Target]] = defaultdict(list)
-    fused: dict[str, list[tuple[tuple, Target]]] = defaultdict(list)
+    placed: dict[str, list[tuple[tuple, Target]]] = defaultdict(list)
     for t in targets:
         if isinstance(t.key, str):
             whole[t.key].append(t)
         else:
-            sl = _slice(t.key)
-            fused[sl[0]].append((sl, t))
+            where = _placed(t.key)
+            placed[where[0]].append((where, t))
 
     tensors, layers, algos, notes = {}, [], Counter(), Counter()
     for key, ts in whole.items():
@@ -93,13 +96,19 @@ def convert(source: Source | str, key_map: Mapping[str, Any], style: str, *, mod
         tensors.update(a.to_state_dict(name))
         algos[a.label] += 1
         layers.append(Layer(name, note=f"{a.label} from {t.source}"))
-    for key, parts in fused.items():
+    for key, parts in placed.items():
+        if key in whole:
+            raise LoraError(f"module {whole[key][0].source!r} changes {key!r} and {parts[0][1].source!r} a part of it",
+                            file=src.name)
         name = _name(names, key, parts[0][1], src)
         size = (shapes or {}).get(key)
-        tensors.update(_fuse(key, parts, name, src, int(size[0]) if size is not None else None))
+        tensors.update(_place(key, parts, name, src, int(size[0]) if size is not None else None))
         algos["LoRA"] += 1
-        notes["slices fused into one LoRA on a fused weight"] += 1
-        layers.append(Layer(name, note="LoRA fused from " + ", ".join(t.source for _, t in parts)))
+        if len(parts) > 1 or parts[0][0][1] is not None:
+            notes["slices fused into one LoRA on a fused weight"] += 1
+        if any(f is not None for (_, _, f), _ in parts):
+            notes["rows reordered to the model's layout (e.g. scale/shift swapped)"] += 1
+        layers.append(Layer(name, note="LoRA from " + ", ".join(t.source for _, t in parts)))
 
     algorithm = "lora" if set(algos) == {"LoRA"} else "+".join(sorted({a.lower() for a in algos}))
     target = (model.name if model is not None and model.name else the_arch.name if the_arch else "this model")
@@ -115,11 +124,13 @@ def convert(source: Source | str, key_map: Mapping[str, Any], style: str, *, mod
     return Result("convert", tensors, meta, summary, layers)
 
 
-def _slice(key) -> tuple[str, int, int, int]:
-    """(key, dim, start, length) from sd_keys' flat form or ComfyUI's (key, (dim, start, length))."""
-    if len(key) == 2 and isinstance(key[1], (tuple, list)):
-        return (key[0], *key[1])
-    return tuple(key)
+def _placed(key) -> tuple[str, tuple[int, int, int] | None, object]:
+    """(weight key, (dim, start, length) or None, function or None) of a target that is not a whole
+    tensor: sd_keys' (key, dim, start, length), ComfyUI's (key, offset) and (key, offset, function)
+    (a function such as swap_scale_shift reorders the rows of ΔW)."""
+    if len(key) == 4 and isinstance(key[1], int):
+        return key[0], tuple(key[1:]), None
+    return key[0], tuple(key[1]) if key[1] is not None else None, key[2] if len(key) > 2 else None
 
 
 def _name(names: Mapping[str, str], key: str, t: Target, src: Source) -> str:
@@ -136,31 +147,41 @@ def _as_dora_scale(a: LoRA) -> LoRA:
     return dataclasses.replace(a, dora_scale=m.reshape(m.shape[0], *[1] * (dims - 1)), peft_magnitude=None)
 
 
-def _fuse(key: str, parts: list[tuple[tuple, Target]], name: str, src: Source, rows: int | None
-          ) -> dict[str, torch.Tensor]:
-    """One LoRA on the fused weight ``key`` (``rows`` rows, when known) from LoRAs on row slices of it;
-    rows no slice covers get zeros."""
-    for (_, dim, _, _), t in parts:
+def _place(key: str, parts: list[tuple[tuple, Target]], name: str, src: Source, rows: int | None
+           ) -> dict[str, torch.Tensor]:
+    """One LoRA on the weight ``key`` (``rows`` rows, when known) from LoRAs on row slices of it and/or
+    through a row function (ComfyUI's swap_scale_shift): up carries each part's rows, downs are stacked,
+    rows no part covers are zero. The same ΔW, exactly; other algorithms are refused."""
+    for (_, offset, _), t in parts:
         a = t.adapter
-        if not isinstance(a, LoRA) or a.has_magnitude or dim != 0:
-            what = f"{a.label}" + (" with DoRA" if a.has_magnitude else "") + (f" on dimension {dim}" if dim else "")
-            raise LoraError(f"{what} on a slice of the fused weight {key!r} cannot be rewritten under the model's "
-                            "own name and stay the same algorithm; only LoRA slices can be fused", file=src.name,
-                            key=t.source)
-    lows = [(sl, t.adapter.low_rank("cpu", torch.float32)) for sl, t in parts]
-    kernels = {tuple(t.adapter.down.shape[1:]) if t.adapter.mid is None else None for _, t in parts}
-    rows = rows or max(start + length for (_, _, start, length), _ in lows)
-    total = sum(u.shape[1] for _, (u, _) in lows)
-    up = torch.zeros(rows, total)
-    downs, col = [], 0
-    for (_, _, start, length), (u, v) in lows:
+        if not isinstance(a, LoRA) or a.has_magnitude or (offset is not None and offset[0] != 0):
+            what = a.label + (" with DoRA" if a.has_magnitude else "") + (
+                f" on dimension {offset[0]}" if offset is not None and offset[0] else "")
+            raise LoraError(f"{what} on a part of the fused weight {key!r} (or one whose rows the model orders "
+                            "differently) cannot be written under the model's own name and stay the same algorithm; "
+                            "only LoRA can be rewritten so", file=src.name, key=t.source)
+    pieces = []
+    for (_, offset, function), t in parts:
+        u, v = t.adapter.low_rank("cpu", torch.float32)
+        if function is not None:
+            moved = function(u)
+            if not torch.allclose(moved @ v, function(u @ v), rtol=1e-5, atol=1e-7):
+                raise LoraError(f"the model's key map transforms {key!r} in a way that is not a row reordering",
+                                file=src.name, key=t.source)
+            u = moved
+        start, length = (offset[1], offset[2]) if offset is not None else (0, u.shape[0])
         if u.shape[0] != length:
             raise LoraError(f"a slice of {length} rows gets a change of {u.shape[0]} rows", file=src.name, key=key)
-        up[start:start + length, col:col + u.shape[1]] = u
-        downs.append(v)
+        pieces.append((start, u, v))
+    rows = rows or max(start + u.shape[0] for start, u, _ in pieces)
+    total = sum(u.shape[1] for _, u, _ in pieces)
+    up = torch.zeros(rows, total)
+    col = 0
+    for start, u, _ in pieces:
+        up[start:start + u.shape[0], col:col + u.shape[1]] = u
         col += u.shape[1]
-    down = torch.cat(downs, 0)
-    dtype = parts[0][1].adapter.up.dtype
-    kernel = next(iter(kernels)) if len(kernels) == 1 and None not in kernels else None
-    return common.lora_keys(name, up, down, float(total), kernel if kernel and len(kernel) > 1 else None,
-                            dtype if dtype.is_floating_point else torch.float32)
+    down = torch.cat([v for _, _, v in pieces], 0)
+    first = parts[0][1].adapter
+    kernel = tuple(first.down.shape[1:]) if first.mid is None and first.down.dim() > 2 else None
+    dtype = first.up.dtype if first.up.dtype.is_floating_point else torch.float32
+    return common.lora_keys(name, up, down, float(total), kernel, dtype)

@@ -6,8 +6,8 @@ is ever held in float32 (``FileWeights`` memory-maps a safetensors checkpoint; n
 a ComfyUI MODEL / CLIP with the patches ComfyUI computes, e.g. a model and its LoRA-patched self).
 
 Layers: every Linear / Conv weight (``.weight`` of 2 to 5 dims) of the diffusion model (UNet or DiT),
-and of the text encoders the layers kohya trains (CLIP attention and MLP Linears, the ones with a
-``lora_te`` name). Each needs a name in the key map (``naming``): kohya's by default. Layers whose
+and of the text encoders the layers kohya trains (the attention and MLP Linears of CLIP's encoder
+layers, named ``lora_te…_text_model_encoder_layers_…``; not T5, not the text projection). Each needs a name in the key map (``naming``): kohya's by default. Layers whose
 difference is at most ``min_diff`` everywhere (default 0: identical) are skipped, so an unchanged
 text encoder adds nothing. Rank per layer: ``rank`` (``conv_rank`` for kernels > 1×1; 0 skips them),
 or a dynamic rule as in ``resize``; alpha = rank (scale 1). ``clamp_quantile`` is kohya's clamp
@@ -37,6 +37,7 @@ from .common import Layer, Result
 from .svd import Delta, check_method, check_quantile, check_rank, factors, keep, kept_share, svd
 
 _TE_NAMES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+_TE_LAYER = "_text_model_encoder_layers_"      # CLIP's encoder layers: the text-encoder layers kohya trains
 
 
 class Weights:
@@ -207,7 +208,7 @@ def layers(base: Weights, tuned: Weights, key_map: Mapping[str, Any], style: str
     """(model key, LoRA name, shape) of every layer to extract, in the base's key order; LoraError
     when the tuned model lacks one or has it in another shape."""
     names = naming.names_for(key_map, style, the_arch)
-    te_ok = {k for n, k in key_map.items() if isinstance(k, str) and n.startswith(_TE_NAMES)}
+    te_ok = {k for n, k in key_map.items() if isinstance(k, str) and n.startswith(_TE_NAMES) and _TE_LAYER in n}
     shapes, other = base.shapes(), tuned.shapes()
     out, missing, differ = [], [], []
     for key, shape in shapes.items():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -35,6 +35,7 @@ from ..adapters.lora import LoRA
 from ..errors import LoraError
 from ..info import trigger_words
 from ..keys import canonical, describe
+from ..patch import match
 from . import common, delta
 from .common import Layer, Result, Source
 from .svd import Delta, check_quantile, check_rank, factors, kept_share, svd
@@ -60,8 +61,11 @@ class MergeInput:
 
 
 def merge(inputs: Sequence[MergeInput], *, rank: int | None = None, conv_rank: int | None = None,
-          clamp_quantile: float | None = None, dtype: str = "auto", device=None, svd_method: str = "exact") -> Result:
-    """The merged file as a Result; see the module docstring."""
+          clamp_quantile: float | None = None, dtype: str = "auto", device=None, svd_method: str = "exact",
+          key_map: Mapping[str, Any] | None = None) -> Result:
+    """The merged file as a Result; see the module docstring. ``key_map`` (a model's: names -> keys,
+    as the loaders match) compares layers by the model weight they change, so files naming the same
+    layers differently (kohya's ldm and diffusers paths) merge; without it, by their kohya names."""
     if not inputs:
         raise LoraError("nothing to merge: give at least one LoRA")
     concat = not rank
@@ -76,7 +80,7 @@ def merge(inputs: Sequence[MergeInput], *, rank: int | None = None, conv_rank: i
     sources = [i.source if isinstance(i.source, Source) else common.load(i.source) for i in inputs]
     ratios = [float(i.ratio) for i in inputs]
     the_arch = _same_arch(sources)
-    layers_of = _same_layers(sources)
+    layers_of = _same_layers(sources, key_map)
     scales = [block_scale(s.identity, i.blocks) for s, i in zip(sources, inputs)]
     out_dtype = common.save_dtype(dtype, sources)
     dev = common.device_of(device)
@@ -187,14 +191,24 @@ def _identity(sources: list[Source], the_arch):
         next((s.identity for s in sources if s.identity.arch is the_arch), None)
 
 
-def _same_layers(sources: list[Source]) -> dict:
-    """{(kohya name, target): [(prefix, adapter) per file]}; LoraError when the files' layers differ."""
+def _layer_ids(s: Source, key_map) -> dict[str, str]:
+    """prefix -> what identifies its layer: the model key it changes (with a key map), else its kohya name."""
+    ids = {p: canonical(p) for p in s.parsed.modules}
+    if key_map is not None:
+        m = match(s.parsed, key_map, file=s.name, n_file_keys=len(s.tensors))
+        ids.update({t.source: str(t.key if isinstance(t.key, str) else t.key[0]) for t in m.targets})
+    return ids
+
+
+def _same_layers(sources: list[Source], key_map=None) -> dict:
+    """{(layer id, target): [(prefix, adapter) per file]}; LoraError when the files' layers differ."""
     tables = []
     for s in sources:
         table = {}
+        ids = _layer_ids(s, key_map)
         for prefix, adapters in s.parsed.modules.items():
             for a in adapters:
-                key = (canonical(prefix), a.target)
+                key = (ids[prefix], a.target)
                 if key in table:
                     raise LoraError(f"two modules of the file change the same {a.target} ({table[key][0]!r} and "
                                     f"{prefix!r})", file=s.name, key=prefix)
@@ -209,8 +223,10 @@ def _same_layers(sources: list[Source]) -> dict:
                 said.append(f"{len(missing)} layer(s) of {sources[0].name} are not in it: {describe(missing, 4)}")
             if extra:
                 said.append(f"it has {len(extra)} layer(s) {sources[0].name} has not: {describe(extra, 4)}")
+            hint = "" if key_map is not None else (" (or the same layers under other names: give the model, so "
+                                                   "layers are compared by the weight they change)")
             raise LoraError("the files change different layers, so no merged file can stand for both: "
-                            + "; ".join(said) + ". Merge files trained on the same layers", file=s.name)
+                            + "; ".join(said) + ". Merge files trained on the same layers" + hint, file=s.name)
         for key, (prefix, a) in t.items():
             _same_shape(sources[0], first[key][1], s, a)
     return {k: [t[k] for t in tables] for k in first}

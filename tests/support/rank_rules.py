@@ -15,3 +15,17 @@ def by_definition(s: list[float], method: str, p: float) -> int:
         return sum(1 for x in s if x >= s[0] / p)
     power = 2 if method == "sv_fro" else 1
     return next(k for k in range(1, len(s) + 1) if _share(s, k, power) >= p - 1e-12)
+
+
+def optimality_gap(got, want, k: int) -> float:
+    """How far a rank-k approximation ``got`` of ``want`` is from the best one (Eckart–Young: the
+    truncated SVD, error √Σ_{i≥k} σ_i²), relative to that optimal error. Where ``want`` has rank ≤ k
+    the optimum is 0 and float rounding (1e-5 of ‖want‖ allowed, the fp32 SVD's bound) is all there is."""
+    import torch
+
+    want = want.flatten(1).double()
+    err = float(torch.linalg.norm(got.flatten(1).double() - want))
+    s = torch.linalg.svdvals(want)
+    opt = float(s[k:].square().sum().sqrt())
+    floor = 1e-5 * float(s.square().sum().sqrt())
+    return max(0.0, abs(err - opt) - floor) / max(opt, floor)

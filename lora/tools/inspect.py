@@ -41,6 +41,11 @@ def block_of(the_arch: arch_table.Arch | None, module: str) -> str:
     return m.group(1) if m else flat
 
 
+def _natural(name: str) -> list:
+    """'layers_10' after 'layers_9'."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
 def norm(a) -> float | None:
     """‖ΔW‖_F at strength 1 from the factors; None when ΔW needs the model's weights."""
     if delta.is_vector(a):
@@ -82,7 +87,8 @@ def inspect(path: str, *, key_map: Mapping[str, Any] | None = None, model: arch_
         "algorithm": info.get("algorithm"), "algorithms": dict(algos), "rank": info.get("rank"),
         "ranks": info.get("ranks"), "alpha": info.get("alpha"), "trigger_words": info.get("trigger_words"),
         "training": info.get("training"),
-        "blocks": {k: {"modules": v["modules"], "norm": math.sqrt(v["sq"])} for k, v in blocks.items()},
+        "blocks": {k: {"modules": blocks[k]["modules"], "norm": math.sqrt(blocks[k]["sq"])}
+                   for k in sorted(blocks, key=_natural)},
         "norms": {"median": norms[len(norms) // 2][0] if norms else None,
                   "max": list(norms[-1]) if norms else None, "min": list(norms[0]) if norms else None,
                   "without_model": dict(no_norm)},

@@ -5,6 +5,7 @@ Layout of a server's base directory (``--base-directory``: nothing touches the C
     <base>/custom_nodes/ComfyUI-LoRA-Lab -> the repo root (how users install the pack)
     <base>/models/checkpoints/loralab_demo_tiny_sd15.safetensors   the tiny SD1.5 (hard link to the cache)
     <base>/models/loras/loralab_demo/tiny_sd15_demo_lora.safetensors   a kohya LoRA for it, in a subfolder
+    <base>/models/loras/loralab_demo/tiny_sd15_demo_lora_b.safetensors  another (seed 1), for merge_and_resize
     <base>/input/loralab_demo_dataset/   a few captioned images in kohya's layout (support/datasets.py)
     <base>/output, input, temp, user, comfyui.log
 
@@ -40,6 +41,7 @@ from .comfy_env import REPO_ROOT, comfy_dir
 PACK_DIR_NAME = "ComfyUI-LoRA-Lab"
 DEMO_CHECKPOINT = "loralab_demo_tiny_sd15.safetensors"
 DEMO_LORA = "loralab_demo/tiny_sd15_demo_lora.safetensors"
+DEMO_LORA_B = "loralab_demo/tiny_sd15_demo_lora_b.safetensors"     # a second one (other seed), for merges
 DEMO_DATASET = "loralab_demo_dataset"
 EXAMPLE_WORKFLOW = os.path.join(REPO_ROOT, "example_workflows", "Load a LoRA and sample.json")
 LORA_NODES = ("LoraLabLoadLoRA", "LoraLabLoraLoaderModelOnly")
@@ -109,11 +111,12 @@ def prepare_base(base: str, checkpoint_src: str, *, pack_dir: str = REPO_ROOT) -
         os.symlink(os.path.abspath(pack_dir), link)
     ckpt = os.path.join(base, "models", "checkpoints", DEMO_CHECKPOINT)
     _link(checkpoint_src, ckpt)
-    lora = os.path.join(base, "models", "loras", *DEMO_LORA.split("/"))
-    if not os.path.exists(lora):
-        tmp = lora + ".partial"
-        write_demo_lora(tmp, ckpt)
-        os.replace(tmp, lora)
+    for name, seed in ((DEMO_LORA, 0), (DEMO_LORA_B, 1)):
+        lora = os.path.join(base, "models", "loras", *name.split("/"))
+        if not os.path.exists(lora):
+            tmp = lora + ".partial"
+            write_demo_lora(tmp, ckpt, seed=seed)
+            os.replace(tmp, lora)
     dataset = os.path.join(base, "input", DEMO_DATASET)
     if not os.path.isdir(dataset):
         tmp = dataset + ".partial"

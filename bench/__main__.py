@@ -14,6 +14,7 @@ BENCHMARKS = {
     "bypass": "sampling overhead per step, bypass vs merged weights",
     "train": "training steps/s vs core TrainLoraNode",
     "dataset": "encoding a folder of captioned images: core's dataset nodes vs ours, cold and warm cache",
+    "svd": "the SVD of Extract / Resize LoRA on a full SD1.5 layout vs per-layer torch.linalg.svd (+ svd_lowrank)",
 }
 
 

@@ -242,6 +242,10 @@ class LoraLabExtractLoRA(_Tool):
                 "min_diff": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.0001, "advanced": True,
                                        "tooltip": "Leave out layers that differ by at most this anywhere "
                                                   "(0: only identical layers)."}),
+                "svd": (["exact", "lowrank"], {"default": "exact", "advanced": True,
+                                               "tooltip": "exact: the best approximation of each layer. lowrank: "
+                                                          "torch.svd_lowrank, many times faster on big conv layers, "
+                                                          "about 0.1% above the best error (fixed rank only)."}),
                 "naming": (list(STYLES), {"default": "kohya", "advanced": True,
                                                  "tooltip": "Key names: kohya's (lora_unet_…, lora_te_…) or "
                                                             "ComfyUI's (diffusion_model.…, text_encoders.…)."}),
@@ -251,7 +255,7 @@ class LoraLabExtractLoRA(_Tool):
         }
 
     def run(self, model_base, model_tuned, rank, dynamic_method, dynamic_param, filename_prefix, clip_base=None,
-            clip_tuned=None, conv_rank=0, min_diff=0.0, naming="kohya", clamp_quantile=0.0, dtype="auto"):
+            clip_tuned=None, conv_rank=0, min_diff=0.0, svd="exact", naming="kohya", clamp_quantile=0.0, dtype="auto"):
         if (clip_base is None) != (clip_tuned is None):
             raise LoraError("connect both clip_base and clip_tuned (or neither)")
         ident = comfy_model.model_arch(model_base)
@@ -264,7 +268,7 @@ class LoraLabExtractLoRA(_Tool):
         result = extract.extract(base, tuned, rank, conv_rank=conv_rank or None, method=_method(dynamic_method),
                                  param=dynamic_param, clamp_quantile=clamp_quantile, min_diff=min_diff, style=naming,
                                  key_map=comfy_model.key_map(model_base, clip_base), identity=ident, dtype=dtype,
-                                 device=_device(), progress=lambda i, n: bar.update_absolute(i, n))
+                                 device=_device(), svd_method=svd, progress=lambda i, n: bar.update_absolute(i, n))
         return _write(result, filename_prefix)
 
 

@@ -10,7 +10,8 @@ and of the text encoders the layers kohya trains (the attention and MLP Linears 
 layers, named ``lora_te…_text_model_encoder_layers_…``; not T5, not the text projection). Each needs a name in the key map (``naming``): kohya's by default. Layers whose
 difference is at most ``min_diff`` everywhere (default 0: identical) are skipped, so an unchanged
 text encoder adds nothing. Rank per layer: ``rank`` (``conv_rank`` for kernels > 1×1; 0 skips them),
-or a dynamic rule as in ``resize``; alpha = rank (scale 1). ``clamp_quantile`` is kohya's clamp
+or a dynamic rule as in ``resize``; alpha = rank (scale 1). ``svd_method="lowrank"`` (fixed ranks only)
+trades exactness for speed (see ``svd``). ``clamp_quantile`` is kohya's clamp
 (its default 0.99), off by default so that a model that *is* base + a rank-r LoRA gives that LoRA
 back exactly.
 
@@ -34,7 +35,7 @@ from ..io import read_header
 from ..sd_keys import model_key_map
 from . import common, naming
 from .common import Layer, Result
-from .svd import Delta, check_method, check_quantile, check_rank, factors, keep, kept_share, svd
+from .svd import Delta, check_method, check_quantile, check_rank, check_svd_method, factors, keep, kept_share, svd
 
 _TE_NAMES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 _TE_LAYER = "_text_model_encoder_layers_"      # CLIP's encoder layers: the text-encoder layers kohya trains
@@ -125,6 +126,7 @@ def extract(base: Weights, tuned: Weights, rank: int, *, conv_rank: int | None =
     if conv_rank != 0:
         conv_rank = check_rank(conv_rank, "conv_rank")
     method, param = check_method(method, param)
+    svd_method = check_svd_method(svd_method, method)
     q = check_quantile(clamp_quantile)
     if min_diff < 0 or not math.isfinite(min_diff):
         raise LoraError(f"min_diff must be ≥ 0 (got {min_diff})")
@@ -172,7 +174,7 @@ def extract(base: Weights, tuned: Weights, rank: int, *, conv_rank: int | None =
     meta["ss_training_comment"] = how
     meta["ss_sd_model_name"] = base.name
     meta.update(common.tool_keys("extract", {"rank": rank, "conv_rank": conv_rank, "method": method, "param": param,
-                                             "clamp_quantile": q, "min_diff": min_diff, "style": style,
+                                             "clamp_quantile": q, "min_diff": min_diff, "style": style, "svd": svd_method,
                                              "dtype": common.dtype_name(out_dtype)}, [base, tuned]))
     kept = [x.kept for x in report]
     worst = min(report, key=lambda x: x.kept)

@@ -546,3 +546,15 @@ def test_the_command_line_writes_what_the_functions_write(tmp_path, monkeypatch,
     assert not (out / "r.safetensors").exists()
     assert cli.main(["inspect", a, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["architecture"]["name"] == "SD1.5"
+
+
+def test_extract_with_the_lowrank_svd():
+    """svd_lowrank with a fixed rank: exact for a change of that rank; refused with a dynamic rule."""
+    base = dit()
+    tuned, deltas = low_rank_change(base, 3)
+    b, t = extract.StateDictWeights(base, "base"), extract.StateDictWeights(tuned, "tuned")
+    out = extract.extract(b, t, 3, device="cpu", svd_method="lowrank").tensors
+    d = deltas["double_blocks.0.img_mlp.0.weight"]
+    assert rel_err(delta_of(out, "lora_unet_double_blocks_0_img_mlp_0"), d) < TOL["extract_fp32"]
+    with pytest.raises(LoraError, match="use the exact SVD with a dynamic rule"):
+        extract.extract(b, t, 3, method="sv_fro", param=0.9, device="cpu", svd_method="lowrank")

@@ -222,6 +222,21 @@ def test_extract_from_a_model_and_its_lora_patched_self_recovers_the_lora(pack, 
         assert rel_err(got[k], d) <= TOL["extract_fp32"], k
 
 
+def test_extract_works_on_a_dit(pack, tiny_flux, family_lora):
+    """Flux and a kohya Flux LoRA loaded onto it: the extracted LoRA is that LoRA (core loads it, all keys)."""
+    from support import family_loras as L
+
+    f = family_lora(tiny_flux, "kohya", rank=4, alpha=2.0)
+    patched = node(pack, "LoraLabLoraLoaderModelOnly").load(tiny_flux.model, os.path.basename(f.path), 1.0)["result"][0]
+    name, report = node(pack, "LoraLabExtractLoRA").run(tiny_flux.model, patched, 4, "none", 0.9,
+                                                        "tools/flux_extracted")["result"]
+    assert "(Flux.1 dev)" in report
+    got = L.core_deltas(tiny_flux, os.path.join(os.path.dirname(f.path), *name.split("/")))
+    assert set(got) == set(f.deltas)
+    for k, d in f.deltas.items():
+        assert rel_err(got[k], d) <= TOL["extract_fp32"], k
+
+
 def test_extract_refuses_other_architectures_and_forward_pass_loras(pack, tiny_sd15, tiny_flux, lora_file):
     from loralab.lora.errors import LoraError
 

@@ -11,8 +11,10 @@ inputs give the same tensors and metadata (set SOURCE_DATE_EPOCH to fix modelspe
 
 Options common to the writing commands: --clamp-quantile Q (kohya's clamp; off by default),
 --dtype auto|fp32|fp16|bf16, --device auto|cpu|cuda. OUT is never overwritten. MODEL_FILE is a
-checkpoint or diffusion-model .safetensors; only its header is read (its key names): SD1.x, SD2.x
-and SDXL files in any naming, other families in their own (ComfyUI / kohya) naming.
+checkpoint or diffusion-model .safetensors; only its header is read (its key names). Without
+ComfyUI: SD1.x, SD2.x and SDXL files in any naming, other families in their own (ComfyUI / kohya)
+naming. With COMFYUI_PATH set, other families' diffusion-model files get ComfyUI's key maps (what
+the Convert LoRA node uses): diffusers / PEFT names of those families too.
 Errors name the file and key and exit with status 2; nothing is left half-written.
 """
 from __future__ import annotations
@@ -33,6 +35,57 @@ def register_core() -> None:
         spec = importlib.util.spec_from_file_location(PACKAGE, os.path.join(ROOT, "__init__.py"),
                                                       submodule_search_locations=[ROOT])
         sys.modules[PACKAGE] = importlib.util.module_from_spec(spec)
+
+
+def comfy_model_map(path: str):
+    """(key map, identity, shapes) of a diffusion-model file through ComfyUI (COMFYUI_PATH): the model
+    is detected from the header's shapes and built on the meta device (no weights read or allocated),
+    and named by the same ``nodes.comfy_model.key_map`` the Convert LoRA node uses."""
+    import types
+
+    import torch
+
+    comfy_dir = os.path.abspath(os.environ["COMFYUI_PATH"])
+    if not os.path.isfile(os.path.join(comfy_dir, "comfy", "model_management.py")):
+        raise SystemExit(f"error: COMFYUI_PATH {comfy_dir!r} is not a ComfyUI checkout")
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]   # its nodes.py, not ours
+    sys.path.insert(0, comfy_dir)
+    import comfy.model_detection
+
+    from loralab.lora.errors import LoraError
+    from loralab.lora.io import read_header
+    from loralab.nodes import comfy_model
+
+    header = read_header(path)
+    _DT = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    sd = {k: torch.empty(s, dtype=_DT.get(header.dtypes[k], torch.float32), device="meta")
+          for k, s in header.shapes.items()}
+    import comfy.utils
+
+    # as comfy.sd.load_diffusion_model_state_dict reads a file: its diffusion model, without a prefix
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+    sd = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True) or sd
+    config = comfy.model_detection.model_config_from_unet(sd, "", metadata=header.metadata)
+    if config is None:
+        raise LoraError("ComfyUI does not recognise this model file (a diffusion model in ComfyUI's layout is "
+                        "needed)", file=header.name)
+    patcher = types.SimpleNamespace(model=config.get_model(sd, "", device="meta"))
+    shapes = {k: tuple(v.shape) for k, v in patcher.model.state_dict().items()}
+    return comfy_model.key_map(patcher, None), comfy_model.model_arch(patcher), shapes
+
+
+def model_map(path: str):
+    """(key map, identity, shapes) of a model file: the standalone map for SD1.x/SD2.x/SDXL (UNet and
+    text encoders, in every naming: the same names ComfyUI's maps give); for other families ComfyUI's
+    when COMFYUI_PATH is set, else their native names."""
+    from loralab.lora.arch import SD_KEYS
+    from loralab.lora.tools import extract
+
+    weights = extract.FileWeights(path)
+    ident = weights.identity()
+    if (ident.arch is None or ident.arch.key_map != SD_KEYS) and os.environ.get("COMFYUI_PATH", "").strip():
+        return comfy_model_map(path)
+    return weights.key_map(), ident, weights.shapes()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -101,21 +154,19 @@ def run(args) -> str:
     if args.command == "inspect":
         km = model = None
         if args.model:
-            weights = extract.FileWeights(args.model)
-            km, model = weights.key_map(), weights.identity()
+            km, model, _ = model_map(args.model)
         data = inspect.inspect(args.input, key_map=km, model=model)
         return inspect.to_json(data) if args.json else inspect.report(data)
     if args.command == "resize":
         result = resize.resize(args.input, args.rank, conv_rank=args.conv_rank, method=args.dynamic, param=args.param,
                                clamp_quantile=args.clamp_quantile, dtype=args.dtype, device=args.device)
     elif args.command == "merge":
-        km = extract.FileWeights(args.model).key_map() if args.model else None
+        km = model_map(args.model)[0] if args.model else None
         result = merge.merge([merge.MergeInput.parse(t) for t in args.inputs], rank=args.rank, conv_rank=args.conv_rank,
                              clamp_quantile=args.clamp_quantile, dtype=args.dtype, device=args.device, key_map=km)
     elif args.command == "convert":
-        weights = extract.FileWeights(args.model)
-        result = convert.convert(args.input, weights.key_map(), args.to, model=weights.identity(),
-                                 shapes=weights.shapes())
+        km, model, shapes = model_map(args.model)
+        result = convert.convert(args.input, km, args.to, model=model, shapes=shapes)
     else:
         result = extract.extract(extract.FileWeights(args.base), extract.FileWeights(args.tuned), args.rank,
                                  conv_rank=0 if args.no_conv else args.conv_rank, method=args.dynamic,

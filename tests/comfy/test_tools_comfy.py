@@ -303,6 +303,24 @@ def test_nodes_and_the_command_line_write_the_same_files(pack, comfy, tiny_sd15,
     assert len({k.rsplit(".", 2)[0] for k in load_file(loras(comfy, name)) if "lora_down" in k}) == len(changes)
 
 
+def test_command_line_convert_with_comfyuis_key_maps(pack, tiny_sd3, family_lora, cli, monkeypatch, tmp_path, capsys):
+    """With COMFYUI_PATH, loratool.py reads a DiT file's key names through ComfyUI (the model built on
+    the meta device from the header): a diffusers SD3 LoRA converts as the node converts it."""
+    from support.comfy_env import comfy_dir
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
+    monkeypatch.setenv("COMFYUI_PATH", comfy_dir())
+    f = family_lora(tiny_sd3, "peft", rank=4, alpha=2.0)
+    name = node(pack, "LoraLabConvertLoRA").run(os.path.basename(f.path), tiny_sd3.model, "comfy",
+                                                "cli/sd3")["result"][0]
+    out = str(tmp_path / os.path.basename(name))
+    assert cli.main(["convert", f.path, out, "--to", "comfy", "--model", tiny_sd3.path]) == 0, capsys.readouterr().err
+    same_file(os.path.join(os.path.dirname(f.path), *name.split("/")), out)
+    monkeypatch.delenv("COMFYUI_PATH")
+    assert cli.main(["convert", f.path, str(tmp_path / "x.safetensors"), "--to", "comfy", "--model", tiny_sd3.path]) == 2
+    assert "does not fit this model" in capsys.readouterr().err       # native names only without ComfyUI
+
+
 def test_inspect_node_says_how_the_file_matches_the_model(pack, tiny_sd15, tiny_flux, lora_file):
     spec = lora_file("kohya", few=True)
     out = node(pack, "LoraLabInspectLoRA").run(spec.name, model=tiny_sd15.model, clip=tiny_sd15.clip)

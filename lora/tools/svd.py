@@ -11,8 +11,9 @@ Exact thin SVD (``svd``), never a full (out × out, in·k × in·k) one:
     dense M (m × n), m ≤ n:   the eigenvectors of the Gram matrix G = M·Mᵀ (float64, m × m) are M's
                               left singular vectors, σ² its eigenvalues; the kept rows of Σ·Vᵀ are
                               Uₖᵀ·M. One m²·n product and an m × m eigendecomposition instead of a
-                              LAPACK SVD of M: 4-20× faster on the wide matrices of a conv layer
-                              (1280 × 11520), as exact in float32 (bench/svd.py measures both).
+                              LAPACK SVD of M: several times faster on the wide matrices of a conv
+                              layer (1280 × 11520), as exact in float32 (bench/svd.py measures both).
+                              Near-square matrices (n < 1.5·m) use LAPACK's thin SVD, as fast there.
     ``method="lowrank"``:     ``torch.svd_lowrank`` (randomised, 4 power iterations): only the top
                               rank + 8, approximate (0.1% above the optimal error on a fine-tune's
                               spectrum, 15× faster than the Gram route on a CPU: bench/svd.py); an
@@ -43,6 +44,7 @@ from ..errors import LoraError
 METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 SVD_METHODS = ("exact", "lowrank")
 ZERO = 1e-12           # a ΔW whose largest singular value is below this (relative to 1) is zero
+GRAM_ASPECT = 1.5      # the Gram route pays off on matrices at least this much wider than tall (or taller)
 
 
 @dataclass
@@ -108,6 +110,8 @@ def svd(d: Delta, *, method: str = "exact", rank: int | None = None, niter: int 
     if method == "lowrank" and rank is not None and rank + 8 < min(m.shape):
         u, s, v = torch.svd_lowrank(m, q=rank + 8, niter=niter)
         return u, s, v.T
+    if max(m.shape) < GRAM_ASPECT * min(m.shape):     # near-square: LAPACK's thin SVD is as fast
+        return torch.linalg.svd(m, full_matrices=False)
     return _svd_gram(m)
 
 

@@ -20,8 +20,9 @@ def reference(m: torch.Tensor):
     return torch.linalg.svd(m.double(), full_matrices=False)
 
 
-@pytest.mark.parametrize("shape", [(40, 300), (300, 40), (64, 64)])
-def test_gram_svd_of_a_dense_matrix_is_the_svd(shape):
+@pytest.mark.parametrize("shape", [(40, 300), (300, 40), (64, 64), (64, 90)])
+def test_svd_of_a_dense_matrix_is_the_svd(shape):
+    """The Gram route (wide / tall) and LAPACK's thin SVD (near-square) both give the SVD."""
     m = rnd(*shape)
     u, s, vh = S.svd(S.Delta(*shape, dense=m))
     _, s_ref, _ = reference(m)

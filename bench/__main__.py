@@ -15,6 +15,7 @@ BENCHMARKS = {
     "stack": "10 LoRAs: 10 chained core LoraLoaders vs one LoraLabLoraStack; one row's strength change (forward pass)",
     "train": "training steps/s vs core TrainLoraNode",
     "dataset": "encoding a folder of captioned images: core's dataset nodes vs ours, cold and warm cache",
+    "svd": "the SVD of Extract / Resize LoRA on a full SD1.5 layout vs per-layer torch.linalg.svd (+ svd_lowrank)",
 }
 
 

@@ -142,8 +142,13 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def write(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Write safetensors atomically: a reader sees the old file or the whole new one, never a part."""
+def write(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, *,
+          overwrite: bool = True) -> str:
+    """Write safetensors atomically: a reader sees the old file or the whole new one, never a part.
+
+    ``overwrite=False``: the file appears under ``path`` only if no file is there (a hard link of the
+    finished temporary, which fails rather than replace, even when two writers race); otherwise
+    LoraError and nothing is left behind."""
     from safetensors.torch import save_file
 
     folder = os.path.dirname(os.path.abspath(path))
@@ -159,7 +164,10 @@ def write(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
         save_file(data, tmp, metadata=meta)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path)
     except BaseException as e:
         try:
             os.unlink(tmp)
@@ -169,6 +177,25 @@ def write(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
             raise LoraError(f"could not write: {e}", file=path) from None
         raise
     return path
+
+
+def _place_new(tmp: str, path: str) -> None:
+    """Move the finished ``tmp`` to ``path`` unless a file is there. A hard link is atomic and fails
+    on an existing name; where the file system has no hard links, the name is claimed first
+    (O_EXCL) and then replaced by the finished file."""
+    exists = LoraError("a file of this name exists already; nothing was overwritten", file=path)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise exists from None
+    except OSError:
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            raise exists from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def relative_parts(value: str, what: str) -> list[str]:

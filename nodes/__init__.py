@@ -10,7 +10,7 @@ import logging
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-for _name in ("loaders", "stack", "dataset", "train", "save"):
+for _name in ("loaders", "stack", "dataset", "train", "save", "tools"):
     try:
         _mod = importlib.import_module(f".{_name}", __name__)
     except Exception:

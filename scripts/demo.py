@@ -30,6 +30,7 @@ from support import checkpoints, comfy_env, server  # noqa: E402
 
 DEMO_BASE = os.path.join(ROOT, ".cache", "demo")
 DEMO_OUT = os.path.join(ROOT, "demo-out")
+MAX_REPORT_LINES = 12
 
 
 def say(msg: str = "") -> None:
@@ -64,9 +65,11 @@ def describe_run(prompt: dict, entry: dict, output_dir: str) -> list[str]:
     if cached:
         lines.append("  cached:       " + ", ".join(sorted(cached)))
     for nid, text in server.reports(entry, prompt).items():
-        head, *rest = text.splitlines()
+        shown = text.splitlines()
+        if len(shown) > MAX_REPORT_LINES:   # the tools report every layer: the node shows it all
+            shown = shown[:MAX_REPORT_LINES] + [f"… ({len(shown) - MAX_REPORT_LINES} more lines on the node)"]
         lines.append(f"  LoRA report ({prompt[nid]['_meta']['title']}, node {nid}):")
-        lines += [f"    {line}" for line in (head, *rest)]
+        lines += [f"    {line}" for line in shown]
     for img in server.images(entry):
         if img.get("type") == "output":
             lines.append("  image:        " + os.path.join(output_dir, img.get("subfolder", ""), img["filename"]))

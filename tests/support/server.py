@@ -6,6 +6,7 @@ Layout of a server's base directory (``--base-directory``: nothing touches the C
     <base>/models/checkpoints/loralab_demo_tiny_sd15.safetensors   the tiny SD1.5 (hard link to the cache)
     <base>/models/loras/loralab_demo/tiny_sd15_demo_lora.safetensors   a kohya LoRA for it, in a subfolder
     <base>/models/loras/loralab_demo/… (DEMO_STACK_LORAS)   two more, with trigger words, for the stack examples
+    <base>/models/loras/loralab_demo/tiny_sd15_demo_lora_b.safetensors  another (seed 1), for merge_and_resize
     <base>/input/loralab_demo_dataset/   a few captioned images in kohya's layout (support/datasets.py)
     <base>/output, input, temp, user, comfyui.log
 
@@ -47,6 +48,7 @@ DEMO_STACK_LORAS = {
         1, {"modelspec.trigger_phrase": "inkwash style, sumi-e", "ss_output_name": "Inkwash Style"}, None),
     "loralab_demo/details/tiny_sd15_fine_detail.safetensors": (2, {}, "fine detail, sharp focus"),
 }
+DEMO_LORA_B = "loralab_demo/tiny_sd15_demo_lora_b.safetensors"     # a second one (other seed), for merges
 DEMO_DATASET = "loralab_demo_dataset"
 EXAMPLE_WORKFLOW = os.path.join(REPO_ROOT, "example_workflows", "Load a LoRA and sample.json")
 LORA_NODES = ("LoraLabLoadLoRA", "LoraLabLoraLoaderModelOnly")
@@ -116,11 +118,12 @@ def prepare_base(base: str, checkpoint_src: str, *, pack_dir: str = REPO_ROOT) -
         os.symlink(os.path.abspath(pack_dir), link)
     ckpt = os.path.join(base, "models", "checkpoints", DEMO_CHECKPOINT)
     _link(checkpoint_src, ckpt)
-    lora = os.path.join(base, "models", "loras", *DEMO_LORA.split("/"))
-    if not os.path.exists(lora):
-        tmp = lora + ".partial"
-        write_demo_lora(tmp, ckpt)
-        os.replace(tmp, lora)
+    for name, seed in ((DEMO_LORA, 0), (DEMO_LORA_B, 1)):
+        lora = os.path.join(base, "models", "loras", *name.split("/"))
+        if not os.path.exists(lora):
+            tmp = lora + ".partial"
+            write_demo_lora(tmp, ckpt, seed=seed)
+            os.replace(tmp, lora)
     for name, (seed, metadata, sidecar) in DEMO_STACK_LORAS.items():
         path = os.path.join(base, "models", "loras", *name.split("/"))
         if sidecar and not os.path.exists(os.path.splitext(path)[0] + ".txt"):

@@ -238,3 +238,15 @@ sys.exit(1 if failed or leaked else 0)
     r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, cwd="/", env=env,
                        timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+
+
+def test_write_without_overwrite_refuses_an_existing_name(tmp_path):
+    """The LoRA tools write with overwrite=False: an existing file is never replaced, and no
+    temporary is left behind."""
+    path = str(tmp_path / "out.safetensors")
+    write(path, {"a": torch.ones(2)}, overwrite=False)
+    before = open(path, "rb").read()
+    with pytest.raises(LoraError, match="exists already"):
+        write(path, {"a": torch.zeros(3)}, overwrite=False)
+    assert open(path, "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["out.safetensors"]

@@ -230,6 +230,16 @@ def blocks_to_checkpoint(root: nn.Module, targets: dict[str, nn.Module]) -> list
     return out
 
 
+def _own(value):
+    return value.clone() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def _owning(fn, *args, **kwargs):
+    """``fn`` on its own copy of the tensors it is given: a block that adds residuals in place (Flux's
+    ``img += ...``) would otherwise change the inputs checkpointing keeps to recompute it from."""
+    return fn(*(_own(a) for a in args), **{k: _own(v) for k, v in kwargs.items()})
+
+
 @contextlib.contextmanager
 def checkpointed(blocks: Iterable[nn.Module]):
     """Recompute each block's activations in the backward pass instead of storing them."""
@@ -241,7 +251,7 @@ def checkpointed(blocks: Iterable[nn.Module]):
         def forward(*args, _inner=inner, **kwargs):
             if not torch.is_grad_enabled():
                 return _inner(*args, **kwargs)
-            return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_owning, _inner, *args, use_reentrant=False, **kwargs)
         b.forward = forward
     try:
         yield

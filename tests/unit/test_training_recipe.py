@@ -16,7 +16,7 @@ from loralab.lora.io import read
 from loralab.training import captions, ema, loop, metadata, objective, recipe, resume, save, schedule
 from loralab.training.errors import TrainingError
 from support.siblings import sibling
-from tolerances import TOL, rel_err
+from tolerances import rel_err
 
 
 model_mod = sibling(__file__, "test_training_model")

@@ -486,13 +486,6 @@ RECIPE_INPUTS = {
     "network_alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1024.0, "step": 0.5,
                                 "tooltip": "LoRA alpha: the factors are scaled by alpha / rank (kohya's "
                                            "--network_alpha; 0 means alpha = rank, i.e. scale 1)."}),
-    "conv_dim": ("INT", {"default": 0, "min": 0, "max": 128,
-                         "tooltip": "kohya's conv_dim (LoCon): also train the 3x3 convs of SD/SDXL's ResNet blocks and "
-                                    "up/down samplers, at this rank. 0: the attention and MLP layers only (kohya's "
-                                    "default). Models without such convs (Flux, SD3, Wan, …) ignore it."}),
-    "conv_alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1024.0, "step": 0.5, "advanced": True,
-                             "tooltip": "kohya's conv_alpha: the conv factors' scale is conv_alpha / conv_dim (0 "
-                                        "means conv_alpha = conv_dim)."}),
     "lr_scheduler": (list(schedule.SCHEDULERS), {"default": "constant",
                      "tooltip": "How the learning rate changes over the run (kohya / diffusers schedulers): after "
                                 "lr_warmup_steps of linear warm-up from 0, constant, linear decay to 0, cosine decay "
@@ -532,6 +525,16 @@ RECIPE_INPUTS = {
 }
 
 
+# inputs added later go last: saved workflows list widget values by position
+RECIPE_INPUTS.update({
+    "conv_dim": ("INT", {"default": 0, "min": 0, "max": 128,
+                         "tooltip": "kohya's conv_dim (LoCon): also train the 3x3 convs of SD/SDXL's ResNet blocks and "
+                                    "up/down samplers, at this rank. 0: the attention and MLP layers only (kohya's "
+                                    "default). Models without such convs (Flux, SD3, Wan, …) ignore it."}),
+    "conv_alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1024.0, "step": 0.5, "advanced": True,
+                             "tooltip": "kohya's conv_alpha: the conv factors' scale is conv_alpha / conv_dim (0 "
+                                        "means conv_alpha = conv_dim)."}),
+})
 RECIPE_INPUTS["job_name"] = ("STRING", {
     "default": "", "tooltip": "Empty: train here. A name: train elsewhere instead: write the dataset (from Training "
     "Dataset from Folder), these settings and the checkpoint's name to output/LoRA-Lab/jobs/<name>_NNNNN/ for "

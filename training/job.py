@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from ..lora.errors import LoraError
 from ..lora.io import relative_parts
-from .dataset import FORMAT as DATASET_FORMAT
+from .dataset import read_manifest
 from .errors import TrainingError
 
 FORMAT = "loralab-job/1"
@@ -95,13 +95,7 @@ def read_job(path: str) -> Job:
 
 def copy_dataset(manifest: str, dest: str) -> str:
     """Copy a dataset manifest and the cache entries it lists into ``dest``; returns the copy's path."""
-    try:
-        with open(manifest, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError) as e:
-        raise TrainingError(f"cannot read the dataset manifest: {e}", file=manifest) from None
-    if data.get("format") != DATASET_FORMAT:
-        raise TrainingError(f"not a {DATASET_FORMAT} manifest", file=manifest)
+    data = read_manifest(manifest)
     src_root = os.path.dirname(manifest)
     for s in data.get("samples", []):
         for kind in ("latent", "text"):
@@ -126,8 +120,9 @@ def write_job(parent: str, name: str, *, settings: dict, checkpoint: dict, manif
     whole or absent."""
     try:
         parts = relative_parts(name.strip(), "job_name")
-    except LoraError as e:
-        raise TrainingError(str(e)) from None
+    except LoraError:
+        raise TrainingError(f"job_name {name!r} must be a name inside the jobs folder {parent} (no absolute path, "
+                            "no '..')") from None
     if not parts:
         raise TrainingError("job_name is empty")
     folder = os.path.join(parent, *parts[:-1])

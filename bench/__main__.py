@@ -14,6 +14,7 @@ BENCHMARKS = {
     "bypass": "sampling overhead per step, bypass vs merged weights",
     "train": "training steps/s vs core TrainLoraNode",
     "dataset": "encoding a folder of captioned images: core's dataset nodes vs ours, cold and warm cache",
+    "distributed": "scripts/train.py throughput at world size 1 and 2 (torchrun; gloo on CPU, NCCL on GPUs)",
 }
 
 

@@ -158,22 +158,23 @@ def load_model(path: str, weight_dtype: str = "default"):
     import folder_paths
     import torch
 
-    full = path
     try:
         from safetensors import safe_open
         with safe_open(path, "pt") as f:
             keys = list(f.keys())
         checkpoint = any(k.startswith("model.diffusion_model.") for k in keys)
+        has_vae = any(k.startswith(("first_stage_model.", "vae.")) for k in keys)
     except Exception:
-        checkpoint = True          # .ckpt / .pt: the checkpoint loader reads those
+        checkpoint = has_vae = True          # .ckpt / .pt: the checkpoint loader reads those
     if checkpoint:
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(
-            full, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
+            path, output_vae=has_vae, output_clip=True,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
         return model, clip, vae
     options = {"fp8_e4m3fn": {"dtype": torch.float8_e4m3fn},
                "fp8_e4m3fn_fast": {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
                "fp8_e5m2": {"dtype": torch.float8_e5m2}}.get(weight_dtype, {})
-    return comfy.sd.load_diffusion_model(full, model_options=options), None, None
+    return comfy.sd.load_diffusion_model(path, model_options=options), None, None
 
 
 def checkpoint_path(given: str | None, job) -> tuple[str, str]:

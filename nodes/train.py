@@ -464,6 +464,8 @@ class LoraLabTrainLoraNode:
         if settings["job_name"].strip():
             from . import train_job
 
+            config.check()           # a job with settings the script would refuse is refused here
+
             text = train_job.write(settings, positive, existing, _first(prompt), _first(unique_id))
             # nothing is trained here: the nodes that take this node's outputs do not run
             return {"ui": {"text": text}, "result": tuple(ExecutionBlocker(None) for _ in self.RETURN_TYPES)}

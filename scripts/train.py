@@ -82,10 +82,13 @@ def setup(cpu: bool):
         from utils.extra_config import load_extra_path_config
         load_extra_path_config(extra)
     del folder_paths
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        sys.modules[PACK] = importlib.util.module_from_spec(spec)   # the package, without registering nodes
+    # the pack and its nodes package, without running their __init__.py: no node registration, no
+    # HTTP routes (which would import ComfyUI's server), only the modules the script imports
+    for name, folder in ((PACK, ROOT), (PACK + ".nodes", os.path.join(ROOT, "nodes"))):
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                                          submodule_search_locations=[folder])
+            sys.modules[name] = importlib.util.module_from_spec(spec)
 
 
 # ---- command line --------------------------------------------------------------------------------

@@ -7,10 +7,12 @@ Everything model-specific comes in from the caller as plain objects:
     objective   Objective                          noise, timesteps and target, as the model defines them
     on_step     (step, total, loss) -> bool        progress; return True to stop (interrupt)
 
-Determinism: every random draw comes from a CPU generator seeded from (seed, global step,
-micro-batch), and each layer's init from (seed, layer name). The same inputs give the same
-LoRA bit for bit on the CPU, and a run resumed at step N continues exactly as an
-uninterrupted run would (same batches, noise and timesteps for step N+1; same optimizer state).
+Determinism: the batch of each micro-batch comes from a CPU generator seeded from (seed, global
+step, micro-batch), each sample's σ and noise from one seeded from (seed, step, micro-batch, its
+position in the batch), and each layer's init from (seed, layer name). The same inputs give the
+same LoRA bit for bit on the CPU, a run resumed at step N continues exactly as an uninterrupted run
+would (same batches, noise and timesteps for step N+1; same optimizer state), and a data-parallel
+run (``world``, distributed.py) computes the same samples with the same draws, split over processes.
 
 kohya's recipe (all off by default; see recipe.py): a learning-rate schedule that is a pure
 function of the global step, a text-encoder LoRA with its own learning rate (``te_targets``),

@@ -73,6 +73,8 @@ def test_job_name_writes_a_job_and_blocks_the_nodes_after(pack, comfy, tiny_sd3,
      "no text encoder or VAE: text_encoder_lr and sample_every_n_steps need a checkpoint"),
     (prompt_with("CheckpointLoaderSimple", {"ckpt_name": "x.safetensors"}), {"job_name": "../escape"},
      "must be a name inside the jobs folder"),
+    (prompt_with("CheckpointLoaderSimple", {"ckpt_name": "x.safetensors"}), {"learning_rate": 5.0},
+     "learning_rate = 5.0 is outside"),
 ])
 def test_what_cannot_make_a_job_is_refused(pack, comfy, tiny_sd3, manifest, prompt, settings, message):
     from loralab.lora.errors import LoraError

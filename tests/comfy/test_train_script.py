@@ -102,6 +102,11 @@ def test_a_saved_file_resumes_under_another_number_of_processes(sd3, sgd_runs, t
     assert worst(tensors(tmp_path / "resumed1.safetensors"), tensors(f2 / "lora.safetensors")) \
         <= TOL["distributed_sgd_fp32"]
 
+    p = run([*args, "--steps", "1", "--algorithm", "LoHa", "--existing-lora",
+             str(f2 / "lora_step000002_00001.safetensors"), "--output", str(tmp_path / "loha.safetensors")])
+    assert p.returncode == 1 and "the algorithm chosen is 'LoHa'" in p.stderr      # another algorithm: refused
+    assert not (tmp_path / "loha.safetensors").exists()
+
     adamw = [*BASE, "--checkpoint", model, "--dataset", manifest, "--optimizer", "AdamW", "--learning-rate", "0.01"]
     ok(run([*adamw, "--steps", "4", "--save-every-n-steps", "2", "--output", str(tmp_path / "straight.safetensors")]))
     ok(run([*adamw, "--steps", "2", "--existing-lora", str(tmp_path / "straight_step000002_00001.safetensors"),

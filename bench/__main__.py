@@ -16,6 +16,7 @@ BENCHMARKS = {
     "train": "training steps/s vs core TrainLoraNode",
     "dataset": "encoding a folder of captioned images: core's dataset nodes vs ours, cold and warm cache",
     "svd": "the SVD of Extract / Resize LoRA on a full SD1.5 layout vs per-layer torch.linalg.svd (+ svd_lowrank)",
+    "distributed": "scripts/train.py throughput at world size 1 and 2 (torchrun; gloo on CPU, NCCL on GPUs)",
 }
 
 

@@ -108,6 +108,8 @@ def job_run(spec: dict) -> dict:
     if impl == "ours":
         if spec.get("recipe"):
             args.update({k: [v] for k, v in RECIPE.items()})
+        if spec.get("conv_dim"):
+            args["conv_dim"] = [spec["conv_dim"]]
         node = pack.NODE_CLASS_MAPPINGS["LoraLabTrainLoraNode"]()
         run = lambda: node.train(**args)
     else:
@@ -133,7 +135,7 @@ def job_run(spec: dict) -> dict:
     t1 = time.perf_counter()
     hook.remove()
     peaks = probe.peaks()
-    out = getattr(out, "result", out)   # core's io.NodeOutput
+    out = out["result"] if isinstance(out, dict) else getattr(out, "result", out)   # ours: {"ui", "result"}; core: io.NodeOutput
     lora = out[1]
     losses = out[2]["loss"] if isinstance(out[2], dict) else []
     return {
@@ -167,6 +169,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of core,ours")
     p.add_argument("--recipe", action="store_true",
                    help="ours with kohya's recipe on: " + ", ".join(f"{k} {v}" for k, v in RECIPE.items()))
+    p.add_argument("--conv-dim", dest="conv_dim", type=int, default=0,
+                   help="ours with kohya's conv_dim (LoCon: ResNet blocks and samplers too, closer to core's layer set)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds one run may take")
     args = p.parse_args(argv)
     args.steps = args.steps or (4 if args.quick else 8)
@@ -234,6 +238,7 @@ def report(args, argv, results: dict) -> tuple[str, str, dict]:
                f"rank {args.rank}, AdamW, MSE, {args.dtype}, gradient checkpointing "
                f"{'on' if args.gradient_checkpointing else 'off'}, {args.steps} steps (first not timed), "
                f"{'ours with the recipe on (' + ', '.join(f'{k} {v}' for k, v in RECIPE.items()) + '), ' if args.recipe else ''}"
+               f"{f'ours with conv_dim {args.conv_dim}, ' if args.conv_dim else ''}"
                f"{args.repeats} process(es) per node; {where}; torch {info['torch']}, ComfyUI {first['comfyui']}")
     header = ["node", "steps/s", "runs steps/s", "median step s", "CPU s/step", "1st step+setup s",
               "RSS before MB", "peak RSS MB", "train peak MB", "train d MB", "trained params"]
@@ -295,7 +300,8 @@ def main(argv: list[str]) -> int:
     unet = os.path.join(WORK, "tiny-sd15-v1-unet-fp32.safetensors")
     spec = {"device": args.device, "threads": args.threads, "size": args.size, "images": args.images,
             "batch": args.batch, "rank": args.rank, "steps": args.steps, "dtype": args.dtype,
-            "gradient_checkpointing": args.gradient_checkpointing, "unet": unet, "recipe": args.recipe}
+            "gradient_checkpointing": args.gradient_checkpointing, "unet": unet, "recipe": args.recipe,
+            "conv_dim": args.conv_dim}
     results: dict[str, list] = {impl: [] for impl in args.impls}
     try:
         if not os.path.isfile(unet):
@@ -316,7 +322,8 @@ def main(argv: list[str]) -> int:
     print("\n" + text + "\n\nMarkdown for README:\n\n" + markdown)
     data = {"command": command_line("train", argv), "settings": {k: v for k, v in spec.items() if k != "unet"},
             "results": results, "summary": summary, "wall_s": time.perf_counter() - started}
-    js, md = write_results(f"train-{args.dtype}{'-recipe' if args.recipe else ''}{'-quick' if args.quick else ''}", data,
+    js, md = write_results(f"train-{args.dtype}{'-recipe' if args.recipe else ''}{f'-conv{args.conv_dim}' if args.conv_dim else ''}"
+                           f"{'-quick' if args.quick else ''}", data,
                            f"{text}\n\n{markdown}")
     print(f"\nwritten: {os.path.relpath(js)}, {os.path.relpath(md)}  ({time.perf_counter() - started:.0f} s)")
     return 0

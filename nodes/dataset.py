@@ -88,15 +88,35 @@ def build(folder, vae, clip, buckets: dataset.BucketSpec, captions: CaptionOptio
     def progress(done, total):
         bar.update_absolute(done, total)
 
+    latents, conds, text = encode(root, vae, clip, buckets, captions, caption_extension, missing_caption, progress)
+    log.info("LoRA Lab dataset %s: %s", folder, text.replace("\n", "; "))
+    return latents, conds, text
+
+
+def encode(root: str, vae, clip, buckets: dataset.BucketSpec, captions: CaptionOptions, caption_extension: str = ".txt",
+           missing_caption: str = "error", on_progress=None) -> tuple[list, list, str]:
+    """The dataset folder ``root`` (any path) through the model's VAE and CLIP, with the cache:
+    (latents, conditionings, report) as the node outputs them. scripts/train.py calls it too."""
     with torch.inference_mode():
         ds = dataset.encode_folder(root, buckets=buckets, captions=captions, encode_images=vae_encoder(vae),
                                    image_encoder_id=vae_id(vae), encode_text=text_encoder(clip),
                                    text_encoder_id=clip_id(clip), caption_extension=caption_extension,
-                                   missing_caption=missing_caption, cache_dir=cache_dir(root), on_progress=progress)
-    text = dataset.summary(ds)
-    log.info("LoRA Lab dataset %s: %s", folder, text.replace("\n", "; "))
+                                   missing_caption=missing_caption, cache_dir=cache_dir(root), on_progress=on_progress)
     latents, conds = outputs(ds)
-    return latents, conds, text
+    return latents, conds, dataset.summary(ds)
+
+
+def options_of(values: dict) -> tuple[dataset.BucketSpec, CaptionOptions, str, str]:
+    """(buckets, caption options, caption_extension, missing_caption) from the node's inputs by name;
+    an input not given takes the node's default."""
+    spec = LoraLabTrainingDataset.INPUT_TYPES()
+    inputs = {**spec["required"], **spec["optional"]}
+    v = {k: values.get(k, opts[1].get("default")) for k, opts in inputs.items() if k not in ("folder", "vae", "clip")}
+    buckets = dataset.BucketSpec(v["enable_bucket"], (v["resolution"], v["resolution"]), v["min_bucket_reso"],
+                                 v["max_bucket_reso"], v["bucket_reso_steps"], v["bucket_no_upscale"])
+    captions = CaptionOptions(v["shuffle_caption"], v["keep_tokens"], v["caption_dropout_rate"],
+                              v["caption_tag_dropout_rate"]).check()
+    return buckets, captions, v["caption_extension"], v["missing_caption"]
 
 
 def folder_state(folder: str) -> str:
@@ -184,13 +204,8 @@ class LoraLabTrainingDataset:
     def IS_CHANGED(cls, folder, **_):
         return folder_state(folder)
 
-    def build(self, folder, vae, clip, resolution, enable_bucket=True, min_bucket_reso=256, max_bucket_reso=1024,
-              bucket_reso_steps=64, bucket_no_upscale=False, caption_extension=".txt", missing_caption="error",
-              shuffle_caption=False, keep_tokens=0, caption_dropout_rate=0.0, caption_tag_dropout_rate=0.0,
-              unique_id=None):
-        buckets = dataset.BucketSpec(enable_bucket, (resolution, resolution), min_bucket_reso, max_bucket_reso,
-                                     bucket_reso_steps, bucket_no_upscale)
-        captions = CaptionOptions(shuffle_caption, keep_tokens, caption_dropout_rate, caption_tag_dropout_rate).check()
+    def build(self, folder, vae, clip, resolution, unique_id=None, **options):
+        buckets, captions, caption_extension, missing_caption = options_of({"resolution": resolution, **options})
         latents, conds, text = build(folder, vae, clip, buckets, captions, caption_extension, missing_caption,
                                      unique_id)
         return {"ui": {"text": [text]}, "result": (latents, conds, text)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 
 import torch
@@ -20,10 +21,12 @@ import comfy.samplers
 import comfy.sd
 import comfy.utils
 import folder_paths
+from comfy_execution.graph_utils import ExecutionBlocker
 
 from ..lora import arch
 from ..lora.io import read, resolve_in
-from ..training import adapters, loop, objective, resume, schedule
+from ..training import adapters, layers, loop, objective, resume, schedule
+from ..training.distributed import SINGLE, PeerLost, World
 from ..training.errors import TrainingError
 from ..training.recipe import StepCaption
 from ..training.save import save as save_lora
@@ -64,30 +67,34 @@ def prediction(model) -> str:
                              "and flow-velocity models")
 
 
-def layer_names(model):
-    """Module path inside the diffusion model -> file name (None: not trained).
+def variant_of(model):
+    """The lora.arch Variant of a MODEL (None for a model class no table entry lists)."""
+    cfg = model.model.model_config
+    return arch.by_comfy_class(type(cfg).__name__, cfg.unet_config, prediction(model))
 
-    UNets (SD1.x/2.x/XL): kohya names of their block layers (``lora_unet_<diffusers path>``, the
-    set kohya trains: resnets, attentions, down/up samplers; not conv_in/out or time embedding).
-    Other models: the Linear layers of their repeated blocks, in ComfyUI's own naming.
-    """
+
+def _unet_paths(model) -> dict[str, str]:
+    """ComfyUI module path -> diffusers module path, for UNets (SD1.x/2.x/XL); {} for other models."""
     mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    ldm_to_diffusers = {v[: -len(".weight")]: k[: -len(".weight")] for k, v in mapping.items() if k.endswith(".weight")}
-    diffusion_model = model.model.diffusion_model
-    if ldm_to_diffusers:
-        def name_of(path):
-            d = ldm_to_diffusers.get(path)
-            if d is None or not d.startswith(("down_blocks.", "mid_block.", "up_blocks.")):
-                return None
-            return "lora_unet_" + d.replace(".", "_")
-        return name_of
-    lists = {n for n, m in diffusion_model.named_children() if isinstance(m, torch.nn.ModuleList)}
+    return {v[: -len(".weight")]: k[: -len(".weight")] for k, v in mapping.items() if k.endswith(".weight")}
 
-    def name_of(path):
-        if path.split(".", 1)[0] not in lists or not isinstance(diffusion_model.get_submodule(path), torch.nn.Linear):
-            return None
-        return "diffusion_model." + path
-    return name_of
+
+def train_targets(model, conv: bool = False, superset: bool = False) -> dict[str, torch.nn.Module]:
+    """{file name: layer} of the layers the family's reference trainer trains (training/layers.py):
+    kohya names ``lora_unet_<module path>``, diffusers paths for UNets. ``conv``: also the conv
+    blocks (kohya's conv_dim > 0). ``superset``: every layer a file for this model may hold (both
+    of those, plus every Linear of the repeated blocks), to match an existing LoRA against."""
+    v = variant_of(model)
+    rule = layers.rule_for(v.id if v else None, v.arch.id if v else None)
+    rename = _unet_paths(model)
+    if rename and rule is None:       # a UNet the table has no entry for: kohya's SD selection
+        rule = layers.RULES["sd1"]
+    root = model.model.diffusion_model
+    found = layers.find_layers(root, rule, conv=conv or superset, rename=rename or None)
+    if superset and not rename:
+        for name, hit in layers.find_layers(root, None).items():
+            found.setdefault(name, hit)
+    return {name: layer for name, (layer, _) in found.items()}
 
 
 def thaw(module: torch.nn.Module) -> None:
@@ -254,8 +261,15 @@ def flat_conditioning(positive: list) -> list:
 
 
 def train_lora(model, latents: list, positive: list, config: loop.TrainConfig, existing_lora: str | None,
-               node_id=None, extra: train_recipe.RecipeInputs | None = None) -> dict:
-    """Everything the node does, with ComfyUI objects in and out."""
+               node_id=None, extra: train_recipe.RecipeInputs | None = None, *, world: World = SINGLE,
+               on_step=None, saver=None, recover=None, apply: bool = True) -> dict:
+    """Everything the node does, with ComfyUI objects in and out; scripts/train.py calls it too.
+
+    ``existing_lora``: a name in the loras folders, or a file path. ``world``: this process's place
+    in a data-parallel run (every process calls this with the same inputs). Defaults are the node's:
+    ``on_step`` the progress bar and loss chart, ``saver`` save-every-N files in loras/, ``recover``
+    (TrainResult -> name) where the last good LoRA goes when a run stops on a NaN. ``apply``: also
+    return the input model (and clip) with the LoRA applied."""
     extra = extra or train_recipe.RecipeInputs()
     conditioning = flat_conditioning(positive)
     captions, dataset_info = train_recipe.captions_of(conditioning)
@@ -265,7 +279,8 @@ def train_lora(model, latents: list, positive: list, config: loop.TrainConfig, e
     if config.text_encoder_lr > 0 and clip is None:
         log.warning("LoRA Lab: text_encoder_lr is set but no clip is connected to Train LoRA: training the "
                     "diffusion model only")
-    saver = train_recipe.CheckpointSaver(extra.checkpoint_prefix) if config.save_every_n_steps else None
+    if saver is None and config.save_every_n_steps and world.main:
+        saver = train_recipe.CheckpointSaver(extra.checkpoint_prefix)
     mp = model.clone()
     mp.set_model_compute_dtype(config.training_dtype)
     comfy.model_management.load_models_gpu([mp] + ([clip.patcher] if te_training else []), memory_required=1e20,
@@ -273,15 +288,18 @@ def train_lora(model, latents: list, positive: list, config: loop.TrainConfig, e
     try:
         diffusion_model = mp.model.diffusion_model
         thaw(diffusion_model)
-        targets = adapters.find_targets(diffusion_model, layer_names(mp))
         te_targets = train_recipe.text_encoder_targets(clip, thaw) if te_training else {}
         info = model_info(mp)
         if dataset_info:
             info["dataset"] = dataset_info
         res = None
         if existing_lora:
-            path = resolve_in(folder_paths.get_folder_paths("loras"), existing_lora)
-            res = resume.load(read(path), {**targets, **te_targets}, config.algorithm, info["modelspec_architecture"])
+            candidates = train_targets(mp, superset=True)
+            res = resume.load(read(_existing_path(existing_lora)), {**candidates, **te_targets}, config.algorithm,
+                              info["modelspec_architecture"])
+            targets = {n: m for n, m in candidates.items() if n in res.adapters}
+        else:
+            targets = train_targets(mp, conv=config.conv_dim > 0)
         dataset = loop.make_dataset(samples, len(conditioning), mp.model.process_latent_in, captions)
         obj = objective.Objective(mp.get_model_object("model_sampling"), prediction(mp), config.loss,
                                   min_snr_gamma=extra.min_snr_gamma, noise_offset=extra.noise_offset,
@@ -289,36 +307,58 @@ def train_lora(model, latents: list, positive: list, config: loop.TrainConfig, e
         encode = train_recipe.TextEncoder(clip, te_training) if clip is not None else None
         sampler = train_recipe.SampleMaker(
             mp, clip, extra.vae, extra.sample_prompt, train_recipe.largest_bucket(latents), config.seed, node_id,
-            train_recipe.sample_prefix(extra.checkpoint_prefix), te_training) if config.sample_every_n_steps else None
-        try:
-            with train_recipe.trainable_text_encoder(clip.cond_stage_model) if te_training else contextlib.nullcontext():
+            train_recipe.sample_prefix(extra.checkpoint_prefix), te_training) \
+            if config.sample_every_n_steps and world.main else None
+        with contextlib.ExitStack() as stack:
+            if not _unet_paths(mp):      # Flux / HunyuanVideo blocks add residuals in place after a LayerNorm
+                stack.enter_context(loop.copied_norm_inputs(diffusion_model))
+            if te_training:
+                stack.enter_context(loop.copied_norm_inputs(clip.cond_stage_model))
+            try:
                 result = loop.train(targets=targets, denoise=denoiser(mp, conditioning, encode), objective=obj,
                                     dataset=dataset, config=config, resume=res, root=diffusion_model,
-                                    on_step=progress(config.steps, node_id), info=info, te_targets=te_targets,
-                                    te_root=clip.cond_stage_model if te_training else None, on_save=saver,
-                                    on_sample=sampler, can_encode_text=encode is not None)
-        except TrainingError as e:
-            raise _keep_last_good(e) from None
+                                    on_step=on_step or progress(config.steps, node_id), info=info,
+                                    te_targets=te_targets, te_root=clip.cond_stage_model if te_training else None,
+                                    on_save=saver, on_sample=sampler, can_encode_text=encode is not None, world=world)
+            except TrainingError as e:
+                raise _keep_last_good(e, recover if recover is not None else _recover_in_loras, world) from None
     finally:
         release(mp)
     for note in result.notes:
         log.info("LoRA Lab: %s", note)
     te_trained = any(k.startswith("lora_te") for k in result.lora)
-    model_with_lora, clip_with_lora, _ = comfy_model.load_lora(model, clip if te_trained else None, result.lora,
-                                                               1.0, 1.0 if te_trained else 0.0)
-    return {"model": model_with_lora, "lora": result.lora, "loss": {"loss": list(result.losses)},
-            "steps": result.steps, "clip": clip_with_lora if te_trained else clip,
-            "images": sampler.images if sampler else [], "saved": saver.saved if saver else [], "notes": result.notes}
+    out = {"lora": result.lora, "loss": {"loss": list(result.losses)}, "steps": result.steps,
+           "images": sampler.images if sampler else [], "saved": getattr(saver, "saved", []), "notes": result.notes,
+           "model": model, "clip": clip}
+    if apply:
+        model_with_lora, clip_with_lora, _ = comfy_model.load_lora(model, clip if te_trained else None, result.lora,
+                                                                   1.0, 1.0 if te_trained else 0.0)
+        out.update(model=model_with_lora, clip=clip_with_lora if te_trained else clip)
+    return out
 
 
-def _keep_last_good(e: TrainingError) -> TrainingError:
+def _existing_path(existing: str) -> str:
+    """A LoRA to continue: a file path (scripts), else a name in the loras folders (the node's combo)."""
+    if os.path.isabs(existing) and os.path.isfile(existing):
+        return existing
+    return resolve_in(folder_paths.get_folder_paths("loras"), existing)
+
+
+def _recover_in_loras(result) -> str:
+    _, name = save_lora(result.lora, folder_paths.get_folder_paths("loras")[0], subfolder="loralab_recovery",
+                        filename_prefix=f"stopped_at_step_{result.steps}")
+    return name
+
+
+def _keep_last_good(e: TrainingError, recover, world: World = SINGLE) -> TrainingError:
     """A run that stopped after learning something (e.g. the loss turned NaN): save the LoRA as of
-    its last good step where the user can load or resume it, and say where in the error."""
-    if e.result is None or not e.result.lora or not e.result.steps:
+    its last good step where the user can load or resume it (``recover`` -> its name), and say where
+    in the error. Not when the other processes of a distributed run were lost (PeerLost): only the
+    save-every-N files count then, and only process 0 ever writes."""
+    if e.result is None or not e.result.lora or not e.result.steps or isinstance(e, PeerLost) or not world.main:
         return e
     try:
-        _, name = save_lora(e.result.lora, folder_paths.get_folder_paths("loras")[0], subfolder="loralab_recovery",
-                            filename_prefix=f"stopped_at_step_{e.result.steps}")
+        name = recover(e.result)
     except Exception as save_error:   # the original error matters more; say why nothing was kept
         return TrainingError(f"{e} (the last good state could not be saved: {save_error})", result=e.result)
     return TrainingError(f"{e}. The LoRA as of step {e.result.steps} was saved as {name!r}: load it, or "
@@ -397,7 +437,7 @@ class LoraLabTrainLoraNode:
                                              "for a new one."}),
             },
             "optional": RECIPE_INPUTS,
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
     @classmethod
@@ -415,27 +455,21 @@ class LoraLabTrainLoraNode:
                 return str(e)
         return True
 
-    def train(self, model, latents, positive, batch_size, grad_accumulation_steps, steps, learning_rate, rank,
-              optimizer, loss_function, seed, training_dtype, lora_dtype, algorithm, gradient_checkpointing,
-              existing_lora, unique_id=None, **recipe):
-        r = {k: _first(recipe.get(k, [spec[1].get("default")])) for k, spec in RECIPE_INPUTS.items()}
-        config = loop.TrainConfig(
-            steps=_first(steps), batch_size=_first(batch_size), grad_accumulation_steps=_first(grad_accumulation_steps),
-            learning_rate=_first(learning_rate), rank=_first(rank), optimizer=_first(optimizer),
-            loss=_first(loss_function), seed=_first(seed), training_dtype=loop.DTYPES[_first(training_dtype)],
-            lora_dtype=loop.DTYPES[_first(lora_dtype)], algorithm=_first(algorithm),
-            gradient_checkpointing=_first(gradient_checkpointing), alpha=r["network_alpha"],
-            lr_scheduler=r["lr_scheduler"], lr_warmup_steps=r["lr_warmup_steps"],
-            lr_scheduler_num_cycles=r["lr_scheduler_num_cycles"], text_encoder_lr=r["text_encoder_lr"],
-            ema_decay=r["ema_decay"], save_every_n_steps=r["save_every_n_steps"],
-            sample_every_n_steps=r["sample_every_n_steps"])
-        extra = train_recipe.RecipeInputs(
-            clip=r["clip"], vae=r["vae"], min_snr_gamma=r["min_snr_gamma"], noise_offset=r["noise_offset"],
-            adaptive_noise_scale=r["adaptive_noise_scale"], checkpoint_prefix=r["checkpoint_prefix"],
-            sample_prompt=r["sample_prompt"])
+    def train(self, model, latents, positive, existing_lora, unique_id=None, prompt=None, **inputs):
+        settings = settings_of({k: _first(v) for k, v in inputs.items()})
+        config, extra = make_config(settings)
+        extra.clip, extra.vae = _first(inputs.get("clip")), _first(inputs.get("vae"))
         existing = _first(existing_lora)
-        out = train_lora(_first(model), latents, positive, config, None if existing == NONE else existing,
-                         _first(unique_id), extra)
+        existing = None if existing == NONE else existing
+        if settings["job_name"].strip():
+            from . import train_job
+
+            config.check()           # a job with settings the script would refuse is refused here
+
+            text = train_job.write(settings, positive, existing, _first(prompt), _first(unique_id))
+            # nothing is trained here: the nodes that take this node's outputs do not run
+            return {"ui": {"text": text}, "result": tuple(ExecutionBlocker(None) for _ in self.RETURN_TYPES)}
+        out = train_lora(_first(model), latents, positive, config, existing, _first(unique_id), extra)
         result = (out["model"], out["lora"], out["loss"], out["steps"], out["clip"])
         # the node's loss chart (web/loss_chart.js) keeps this after the run
         ui = {"loralab_loss": [loss_curve(out["loss"]["loss"], config.steps)]}
@@ -491,6 +525,63 @@ RECIPE_INPUTS = {
                                  "tooltip": "One prompt per line, kohya's options after it: --n negative, --w/--h "
                                             "size, --d seed, --l cfg (7.5), --s steps (30), --ss sampler (euler)."}),
 }
+
+
+# inputs added later go last: saved workflows list widget values by position
+RECIPE_INPUTS.update({
+    "conv_dim": ("INT", {"default": 0, "min": 0, "max": 128,
+                         "tooltip": "kohya's conv_dim (LoCon): also train the 3x3 convs of SD/SDXL's ResNet blocks and "
+                                    "up/down samplers, at this rank. 0: the attention and MLP layers only (kohya's "
+                                    "default). Models without such convs (Flux, SD3, Wan, …) ignore it."}),
+    "conv_alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1024.0, "step": 0.5, "advanced": True,
+                             "tooltip": "kohya's conv_alpha: the conv factors' scale is conv_alpha / conv_dim (0 "
+                                        "means conv_alpha = conv_dim)."}),
+})
+RECIPE_INPUTS["job_name"] = ("STRING", {
+    "default": "", "tooltip": "Empty: train here. A name: train elsewhere instead: write the dataset (from Training "
+    "Dataset from Folder), these settings and the checkpoint's name to output/LoRA-Lab/jobs/<name>_NNNNN/ for "
+    "scripts/train.py --job (one GPU, or several and several machines with torchrun). Nothing trains here and the "
+    "nodes after this one do not run."})
+
+# the node's inputs that are settings (plain values, not ComfyUI objects or files): the job file
+# holds them and scripts/train.py takes each as a flag of the same name
+_OBJECTS = ("model", "latents", "positive", "existing_lora", "clip", "vae")
+
+
+def setting_specs() -> dict[str, tuple]:
+    """{input name: (type, options)} of every setting, in the node's order."""
+    req = LoraLabTrainLoraNode.INPUT_TYPES()["required"]
+    return {k: v for k, v in {**req, **RECIPE_INPUTS}.items() if k not in _OBJECTS}
+
+
+def settings_of(values: dict) -> dict:
+    """Every setting: the given values, the node's defaults for the rest; unknown names refused."""
+    specs = setting_specs()
+    unknown = [k for k in values if k not in specs and k not in _OBJECTS]
+    if unknown:
+        raise TrainingError(f"unknown training setting(s) {', '.join(map(repr, unknown))}; known: {', '.join(specs)}")
+    return {k: values.get(k, spec[1].get("default")) for k, spec in specs.items()}
+
+
+def make_config(s: dict) -> tuple[loop.TrainConfig, train_recipe.RecipeInputs]:
+    """The loop's config and the recipe's node-side inputs from settings (``settings_of``)."""
+    for name in ("training_dtype", "lora_dtype"):
+        if s[name] not in loop.DTYPES:
+            raise TrainingError(f"{name} {s[name]!r}: choose one of {', '.join(loop.DTYPES)}")
+    config = loop.TrainConfig(
+        steps=s["steps"], batch_size=s["batch_size"], grad_accumulation_steps=s["grad_accumulation_steps"],
+        learning_rate=s["learning_rate"], rank=s["rank"], optimizer=s["optimizer"], loss=s["loss_function"],
+        seed=s["seed"], training_dtype=loop.DTYPES[s["training_dtype"]], lora_dtype=loop.DTYPES[s["lora_dtype"]],
+        algorithm=s["algorithm"], gradient_checkpointing=s["gradient_checkpointing"], alpha=s["network_alpha"],
+        conv_dim=s["conv_dim"], conv_alpha=s["conv_alpha"], lr_scheduler=s["lr_scheduler"],
+        lr_warmup_steps=s["lr_warmup_steps"], lr_scheduler_num_cycles=s["lr_scheduler_num_cycles"],
+        text_encoder_lr=s["text_encoder_lr"], ema_decay=s["ema_decay"], save_every_n_steps=s["save_every_n_steps"],
+        sample_every_n_steps=s["sample_every_n_steps"])
+    extra = train_recipe.RecipeInputs(
+        min_snr_gamma=s["min_snr_gamma"], noise_offset=s["noise_offset"],
+        adaptive_noise_scale=s["adaptive_noise_scale"], checkpoint_prefix=s["checkpoint_prefix"],
+        sample_prompt=s["sample_prompt"])
+    return config, extra
 
 
 NODES = {"LoraLabTrainLoraNode": (LoraLabTrainLoraNode, "Train LoRA (LoRA Lab)")}

@@ -6,7 +6,6 @@ Kept apart from nodes/train.py so the node's inputs and the glue each stay small
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -72,25 +71,6 @@ def text_encoder_targets(clip, thaw) -> dict:
         raise TrainingError(f"this text encoder ({type(clip.cond_stage_model).__name__}) has no CLIP encoder layers "
                             "to train (kohya trains CLIP-L / CLIP-G; T5 is not trained): set text_encoder_lr to 0")
     return targets
-
-
-@contextlib.contextmanager
-def trainable_text_encoder(module: torch.nn.Module):
-    """ComfyUI's CLIPLayer adds its residuals in place (``x += self.self_attn(self.layer_norm1(x))``)
-    after the LayerNorm saved x for backward: harmless while frozen, an autograd error once a LoRA
-    inside it trains. While gradients are on, each LayerNorm gets a copy of its input, so the tensor
-    it saved is never modified (the values computed are the same)."""
-    def copy_input(mod, args):
-        if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
-            return (args[0].clone(), *args[1:])
-        return None
-
-    handles = [m.register_forward_pre_hook(copy_input) for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def captions_of(conditioning: list) -> tuple[list, dict | None]:

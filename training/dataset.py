@@ -575,16 +575,23 @@ def write_manifest(ds: EncodedDataset, cache_root: str, image_encoder_id: str, t
     return path
 
 
-def load_manifest(path: str, *, rank: int = 0, world_size: int = 1, tensors: bool = True) -> EncodedDataset:
-    """Read a dataset written by ``encode_folder`` (no ComfyUI needed); with ``world_size`` > 1 only
-    this rank's share of the images (``shard``)."""
+def read_manifest(path: str) -> dict:
+    """A manifest's JSON, checked to be one (TrainingError names the file otherwise)."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except (OSError, ValueError) as e:
         raise TrainingError(f"cannot read the dataset manifest: {e}", file=path) from None
-    if data.get("format") != FORMAT:
-        raise TrainingError(f"not a {FORMAT} manifest (format {data.get('format')!r})", file=path)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise TrainingError(f"not a {FORMAT} manifest (format {data.get('format') if isinstance(data, dict) else None!r})",
+                            file=path)
+    return data
+
+
+def load_manifest(path: str, *, rank: int = 0, world_size: int = 1, tensors: bool = True) -> EncodedDataset:
+    """Read a dataset written by ``encode_folder`` (no ComfyUI needed); with ``world_size`` > 1 only
+    this rank's share of the images (``shard``)."""
+    data = read_manifest(path)
     root = os.path.dirname(path)
     b = data["buckets"]
     spec = BucketSpec(b["enabled"], tuple(b["resolution"]), b["min_size"], b["max_size"], b["steps"], b["no_upscale"])
@@ -639,5 +646,6 @@ def summary(ds: EncodedDataset) -> str:
 
 
 __all__ = ["BucketSpec", "Bucketer", "Cache", "EncodedDataset", "Item", "Sample", "bucket_resolutions",
-           "crop_ltrb", "dataset_path", "encode_folder", "fingerprint", "load_image", "load_manifest", "read_caption", "scan",
+           "crop_ltrb", "dataset_path", "encode_folder", "fingerprint", "load_image", "load_manifest", "read_caption",
+           "read_manifest", "scan",
            "shard", "summary"]

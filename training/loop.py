@@ -7,10 +7,12 @@ Everything model-specific comes in from the caller as plain objects:
     objective   Objective                          noise, timesteps and target, as the model defines them
     on_step     (step, total, loss) -> bool        progress; return True to stop (interrupt)
 
-Determinism: every random draw comes from a CPU generator seeded from (seed, global step,
-micro-batch), and each layer's init from (seed, layer name). The same inputs give the same
-LoRA bit for bit on the CPU, and a run resumed at step N continues exactly as an
-uninterrupted run would (same batches, noise and timesteps for step N+1; same optimizer state).
+Determinism: the batch of each micro-batch comes from a CPU generator seeded from (seed, global
+step, micro-batch), each sample's σ and noise from one seeded from (seed, step, micro-batch, its
+position in the batch), and each layer's init from (seed, layer name). The same inputs give the
+same LoRA bit for bit on the CPU, a run resumed at step N continues exactly as an uninterrupted run
+would (same batches, noise and timesteps for step N+1; same optimizer state), and a data-parallel
+run (``world``, distributed.py) computes the same samples with the same draws, split over processes.
 
 kohya's recipe (all off by default; see recipe.py): a learning-rate schedule that is a pure
 function of the global step, a text-encoder LoRA with its own learning rate (``te_targets``),
@@ -35,6 +37,7 @@ from .captions import CaptionOptions
 from .errors import TrainingError
 from .metadata import dtype_name
 from .objective import Objective, loss_fn
+from .distributed import SINGLE, World
 from .resume import Resume
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -64,6 +67,8 @@ class TrainConfig:
     training_dtype: torch.dtype = torch.bfloat16
     lora_dtype: torch.dtype = torch.bfloat16
     algorithm: str = "LoRA"          # a trainable adapter label or name (adapters.trainable)
+    conv_dim: int = 0                # kohya's conv_dim: rank of the kxk convs (LoCon); 0: they train at rank
+    conv_alpha: float = 1.0          # kohya's conv_alpha (0 means alpha = conv_dim)
     gradient_checkpointing: bool = True
     # kohya's recipe; the defaults are today's behaviour (recipe.py has the semantics)
     lr_scheduler: str = "constant"
@@ -83,6 +88,10 @@ class TrainConfig:
             raise TrainingError(f"optimizer {self.optimizer!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
         loss_fn(self.loss)
         ad.trainable(self.algorithm)
+        if not (isinstance(self.conv_dim, int) and 0 <= self.conv_dim <= LIMITS["rank"][1]):
+            raise TrainingError(f"conv_dim = {self.conv_dim} is outside 0…{LIMITS['rank'][1]} (0: no conv layers)")
+        if not (isinstance(self.conv_alpha, (int, float)) and math.isfinite(self.conv_alpha) and self.conv_alpha >= 0):
+            raise TrainingError(f"conv_alpha = {self.conv_alpha} must be ≥ 0 (0 means alpha = conv_dim)")
         for name in ("training_dtype", "lora_dtype"):
             if getattr(self, name) not in DTYPES.values():
                 raise TrainingError(f"{name} must be bf16 or fp32, not {getattr(self, name)}")
@@ -223,6 +232,16 @@ def blocks_to_checkpoint(root: nn.Module, targets: dict[str, nn.Module]) -> list
     return out
 
 
+def _own(value):
+    return value.clone() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def _owning(fn, *args, **kwargs):
+    """``fn`` on its own copy of the tensors it is given: a block that adds residuals in place (Flux's
+    ``img += ...``) would otherwise change the inputs checkpointing keeps to recompute it from."""
+    return fn(*(_own(a) for a in args), **{k: _own(v) for k, v in kwargs.items()})
+
+
 @contextlib.contextmanager
 def checkpointed(blocks: Iterable[nn.Module]):
     """Recompute each block's activations in the backward pass instead of storing them."""
@@ -234,7 +253,7 @@ def checkpointed(blocks: Iterable[nn.Module]):
         def forward(*args, _inner=inner, **kwargs):
             if not torch.is_grad_enabled():
                 return _inner(*args, **kwargs)
-            return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_owning, _inner, *args, use_reentrant=False, **kwargs)
         b.forward = forward
     try:
         yield
@@ -246,15 +265,41 @@ def checkpointed(blocks: Iterable[nn.Module]):
                 b.forward = prev
 
 
+@contextlib.contextmanager
+def copied_norm_inputs(module: nn.Module):
+    """Models that add residuals in place after a LayerNorm saved its input for backward (ComfyUI's
+    CLIPLayer ``x += self.self_attn(self.layer_norm1(x))``, Flux's and HunyuanVideo's blocks
+    ``img += ...``): harmless while frozen, an autograd error once a LoRA inside them trains. While
+    gradients are on, each LayerNorm gets a copy of its input, so the tensor it saved is never
+    modified (the values computed are the same)."""
+    def copy_input(mod, args):
+        if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+            return (args[0].clone(), *args[1:])
+        return None
+
+    handles = [m.register_forward_pre_hook(copy_input) for m in module.modules() if isinstance(m, nn.LayerNorm)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def batches(dataset: Dataset, config: TrainConfig, step: int):
-    """(bucket, sample indices, generator, micro) for each micro-batch of global step ``step`` (0-based).
-    A bucket is chosen in proportion to its size; the generator goes on to draw noise and σ."""
+    """(bucket, sample indices, micro) for each micro-batch of global step ``step`` (0-based): the
+    global batch, the same in every process. A bucket is chosen in proportion to its size."""
     sizes = torch.tensor([b.shape[0] for b in dataset.buckets], dtype=torch.float64)
     for micro in range(config.grad_accumulation_steps):
         g = torch.Generator().manual_seed(ad.mix(config.seed, step, micro))
         bucket = int(torch.multinomial(sizes, 1, generator=g)) if len(sizes) > 1 else 0
         idx = torch.randperm(int(sizes[bucket]), generator=g)[: config.batch_size]
-        yield bucket, idx, g, micro
+        yield bucket, idx, micro
+
+
+def sample_generator(seed: int, step: int, micro: int, position: int) -> torch.Generator:
+    """The generator of one sample's σ and noise: from (seed, step, micro-batch, position in the
+    global batch), so it is the same whichever process computes the sample."""
+    return torch.Generator().manual_seed(ad.mix(seed, step, micro, position, 0x5A4D))
 
 
 def _device_of(targets: dict[str, nn.Module]) -> torch.device:
@@ -268,7 +313,8 @@ def train(*, targets: dict[str, nn.Module], denoise: Callable, objective: Object
           on_step: Callable[[int, int, float], bool | None] | None = None,
           info: dict | None = None, te_targets: dict[str, nn.Module] | None = None, te_root: nn.Module | None = None,
           on_save: Callable[["TrainResult"], None] | None = None,
-          on_sample: Callable[[int], None] | None = None, can_encode_text: bool = False) -> TrainResult:
+          on_sample: Callable[[int], None] | None = None, can_encode_text: bool = False,
+          world: World = SINGLE) -> TrainResult:
     """Train adapters on ``targets`` for ``config.steps`` optimizer steps; return the LoRA.
 
     ``root``: the model, frozen for the run (its requires_grad flags are restored after).
@@ -279,13 +325,15 @@ def train(*, targets: dict[str, nn.Module], denoise: Callable, objective: Object
     step's caption) instead of conditioning indices (also when captions vary per step and
     ``can_encode_text``).
     ``on_save(result)`` / ``on_sample(step)``: every ``save_every_n_steps`` / ``sample_every_n_steps``.
+    ``world``: this process's place in a data-parallel run (distributed.py); every process calls
+    ``train`` with the same inputs and gets the same LoRA; only the caller decides who writes files.
     Raises TrainingError for bad inputs, and when the loss or the gradients stop being finite;
     then ``error.result`` is the LoRA as of the last good step.
     """
     # ComfyUI runs nodes under inference_mode; everything trained must be made outside it.
     with torch.inference_mode(False), torch.enable_grad():
         return _train(targets, denoise, objective, dataset, config, resume, root, checkpoint_blocks, on_step, info,
-                      _Extras(te_targets or {}, te_root, on_save, on_sample, can_encode_text))
+                      _Extras(te_targets or {}, te_root, on_save, on_sample, can_encode_text, world))
 
 
 @dataclass
@@ -295,18 +343,19 @@ class _Extras:
     on_save: Callable | None
     on_sample: Callable | None
     can_encode_text: bool
+    world: World = field(default_factory=World)
 
 
 def _train(targets, denoise, objective, dataset, config, resume, root, checkpoint_blocks, on_step, info,
            extras: _Extras):
     config.check()
+    extras.world.check_batch(config.batch_size)
     if not targets:
         raise TrainingError("the model has no layers to train (no Linear/Conv layers were selected)")
     started = time.time()
     device = _device_of(targets)
     alpha = config.alpha or config.rank          # kohya: network_alpha 0 (or None) means alpha = rank
-    adapters = ad.create_adapters(targets, config.algorithm, config.rank, alpha, config.seed,
-                                  config.lora_dtype, resume.adapters if resume else None)
+    adapters = make_adapters(targets, config, alpha, resume)
     notes = list(resume.notes) if resume else []
     te_adapters = recipe.build_text_encoder(extras.te_targets, replace(config, alpha=alpha), resume, notes)
     params = param_table(adapters)
@@ -331,13 +380,17 @@ def _train(targets, denoise, objective, dataset, config, resume, root, checkpoin
     interrupted = False
     ctx = contextlib.ExitStack()
     every = {**adapters, **te_adapters}
+    kxk = {n: a for n, a in adapters.items() if is_kxk(targets[n])}
+    main = {n: a for n, a in adapters.items() if n not in kxk} or adapters
 
     def result() -> TrainResult:
         first = next(iter(adapters.values()))
         meta = dict(info or {})
         meta.update(
-            algorithm=first.name, rank=max(a.rank for a in adapters.values()), alpha=first.alpha,
+            algorithm=first.name, rank=max(a.rank for a in main.values()), alpha=next(iter(main.values())).alpha,
             has_conv=any(a.op.conv_dims > 0 for a in adapters.values()), steps=start_step + done,
+            conv_dim=max((a.rank for a in kxk.values()), default=0) if kxk else None,
+            conv_alpha=next(iter(kxk.values())).alpha if kxk else None,
             learning_rate=config.learning_rate, optimizer=config.optimizer, loss=config.loss, seed=config.seed,
             batch_size=config.batch_size, grad_accumulation_steps=config.grad_accumulation_steps,
             gradient_checkpointing=config.gradient_checkpointing, training_dtype=dtype_name(config.training_dtype),
@@ -369,9 +422,11 @@ def _train(targets, denoise, objective, dataset, config, resume, root, checkpoin
             step = start_step + i
             recipe.set_lr(opt, base_lrs, schedule, step, total)
             try:
-                loss = train_step(adapters, all_params, opt, dataset, objective, denoise, config, step, device, texts)
-            except TrainingError as e:
-                raise TrainingError(str(e), result=result()) from None
+                loss = train_step(adapters, all_params, opt, dataset, objective, denoise, config, step, device, texts,
+                                  extras.world)
+            except TrainingError as e:       # keep its kind (distributed.PeerLost) and add the last good state
+                e.result = result()
+                raise
             if ema is not None:
                 ema.update(all_params, step + 1)
             done += 1
@@ -391,38 +446,69 @@ def _train(targets, denoise, objective, dataset, config, resume, root, checkpoin
 
 
 def train_step(adapters, params, opt, dataset: Dataset, objective: Objective, denoise: Callable,
-               config: TrainConfig, step: int, device: torch.device, texts=None) -> float:
+               config: TrainConfig, step: int, device: torch.device, texts=None, world: World = SINGLE) -> float:
     """One optimizer step over ``grad_accumulation_steps`` micro-batches; returns the mean loss.
+
+    Each micro-batch's loss is the mean of its samples' losses; a process computes its share of the
+    global batch (``world.part``) and back-propagates Σ(share's losses) / (global batch size), and
+    ``world.reduce`` sums gradients and losses over the processes (nothing to do for one process).
     On a non-finite loss or gradient nothing is updated and TrainingError names the step.
     ``texts`` (recipe.StepTexts) turns conditioning indices into this step's captions."""
     opt.zero_grad(set_to_none=True)
     n = config.grad_accumulation_steps
     autocast = torch.autocast(device.type, dtype=config.training_dtype,
                               enabled=config.training_dtype != torch.float32)
-    total = 0.0
-    for bucket, idx, g, micro in batches(dataset, config, step):
-        x0 = dataset.buckets[bucket][idx].to(device)
-        x_t, sigma, target = objective.draw(x0, g)
-        conds = [dataset.conds[bucket][k] for k in idx.tolist()]
+    local = torch.zeros(n, dtype=torch.float64)
+    for bucket, idx, micro in batches(dataset, config, step):
+        share = world.part(config.batch_size, len(idx))
+        if not share:
+            continue
+        sel = idx[share.start: share.stop]
+        x0 = dataset.buckets[bucket][sel].to(device)
+        x_t, sigma, target = objective.draw(x0, [sample_generator(config.seed, step, micro, p) for p in share])
+        conds = [dataset.conds[bucket][k] for k in sel.tolist()]
         if texts is not None:
-            conds = texts(conds, step, micro)
+            conds = texts(conds, step, micro, share)
         with autocast:
             pred = denoise(x_t, sigma, conds)
-        loss = objective.batch_loss(pred.float(), target.float(), sigma)
-        value = loss.item()
-        if not math.isfinite(value):
-            opt.zero_grad(set_to_none=True)
-            raise TrainingError(f"the loss became {value} at step {step + 1}; training stopped there and the "
-                                f"LoRA as of step {step} is kept (lower the learning rate, or train in fp32)")
+        loss = objective.sample_losses(pred.float(), target.float(), sigma).sum() / len(idx)
         (loss / n).backward()
-        total += value
+        local[micro] = loss.detach().double().cpu()
+    losses = world.reduce(params, local, step)
+    value = float(losses.mean())
+    if not math.isfinite(value):
+        opt.zero_grad(set_to_none=True)
+        raise TrainingError(f"the loss became {value} at step {step + 1}; training stopped there and the "
+                            f"LoRA as of step {step} is kept (lower the learning rate, or train in fp32)")
     grads = [p.grad for p in params.values() if p.grad is not None]
     if grads and not bool(torch.stack(torch._foreach_norm(grads)).float().isfinite().all()):
         opt.zero_grad(set_to_none=True)
         raise TrainingError(f"the gradients became non-finite at step {step + 1}; training stopped there and the "
                             f"LoRA as of step {step} is kept (lower the learning rate, or train in fp32)")
     opt.step()
-    return total / n
+    return value
+
+
+def is_kxk(layer: nn.Module) -> bool:
+    """A conv layer with a kernel larger than 1x1 (what kohya's conv_dim trains)."""
+    op = ad.layer_op(layer)
+    return op is not None and op.conv_dims > 0 and any(k != 1 for k in op.shape[2:])
+
+
+def make_adapters(targets: dict[str, nn.Module], config: TrainConfig, alpha: float,
+                  resume: Resume | None) -> dict[str, ad.TrainableAdapter]:
+    """Fresh adapters (kxk convs at conv_dim / conv_alpha when conv_dim > 0, the rest at rank / alpha),
+    or ``resume``'s, in the order of ``targets``."""
+    if resume is not None:
+        return ad.create_adapters(targets, config.algorithm, config.rank, alpha, config.seed, config.lora_dtype,
+                                  resume.adapters)
+    convs = {n: m for n, m in targets.items() if config.conv_dim and is_kxk(m)}
+    rest = {n: m for n, m in targets.items() if n not in convs}
+    out = ad.create_adapters(rest, config.algorithm, config.rank, alpha, config.seed, config.lora_dtype) if rest else {}
+    if convs:
+        out.update(ad.create_adapters(convs, config.algorithm, config.conv_dim, config.conv_alpha or config.conv_dim,
+                                      config.seed, config.lora_dtype))
+    return {n: out[n] for n in targets}
 
 
 def _resolution(dataset: Dataset) -> str | None:
@@ -434,4 +520,5 @@ def _resolution(dataset: Dataset) -> str | None:
 
 
 __all__ = ["DTYPES", "OPTIMIZERS", "Dataset", "TrainConfig", "TrainResult", "TrainedLoRA", "asdict",
-           "blocks_to_checkpoint", "checkpointed", "make_dataset", "train", "train_step"]
+           "blocks_to_checkpoint", "checkpointed", "copied_norm_inputs", "is_kxk", "make_adapters", "make_dataset", "sample_generator",
+           "train", "train_step"]

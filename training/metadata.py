@@ -57,8 +57,9 @@ def build(info: Mapping, *, output_name: str, trigger_words: str | list[str] | N
     rank, alpha = info.get("rank"), info.get("alpha")
     conv = bool(info.get("has_conv"))
     args = {"algo": algo} if algo != "lora" else {}
-    if conv:
-        args.update(conv_dim=str(rank), conv_alpha=str(alpha))
+    if conv:      # kohya's conv_dim / conv_alpha: the kxk convs' own, or (older runs) the rank's
+        conv_dim = info.get("conv_dim")
+        args.update(conv_dim=str(conv_dim or rank), conv_alpha=str(info.get("conv_alpha") if conv_dim else alpha))
     if algo == "lokr":
         args["factor"] = "-1"
     finished = float(info.get("finished_at") or 0)

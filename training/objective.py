@@ -96,10 +96,13 @@ def min_snr_weight(prediction: str, sigma: torch.Tensor, gamma: float, sigma_dat
 
 
 def offset_noise(x0: torch.Tensor, noise: torch.Tensor, offset: float, adaptive: float,
-                 generator: torch.Generator) -> torch.Tensor:
-    """kohya's apply_noise_offset: a per-sample, per-channel constant added to the noise."""
+                 generator: torch.Generator | torch.Tensor) -> torch.Tensor:
+    """kohya's apply_noise_offset: a per-sample, per-channel constant added to the noise. ``generator``
+    draws the normal factor n (B, C, 1, ...), or is that draw already made."""
     shape = (*x0.shape[:2], *[1] * (x0.dim() - 2))
-    n = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=noise.device, dtype=noise.dtype)
+    n = generator if isinstance(generator, torch.Tensor) else torch.randn(shape, generator=generator,
+                                                                          dtype=torch.float32)
+    n = n.to(device=noise.device, dtype=noise.dtype)
     o = offset
     if adaptive:
         o = torch.clamp(offset + adaptive * x0.mean(dim=tuple(range(2, x0.dim())), keepdim=True).abs(), min=0.0)
@@ -134,25 +137,48 @@ class Objective:
         if self.adaptive_noise_scale and not self.noise_offset:
             raise TrainingError("adaptive_noise_scale needs a noise_offset > 0 (as in kohya)")
 
-    def draw(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_t, σ, target) for clean latents ``x0`` (B, ...); randomness only from ``generator`` (CPU)."""
-        n = x0.shape[0]
-        idx = torch.randint(0, self.sigmas.numel(), (n,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+    def draw(self, x0: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, σ, target) for clean latents ``x0`` (B, ...); randomness only from ``generator`` (CPU):
+        one generator for the batch, or a sequence of B generators, one per sample (each sample's
+        σ, noise and noise offset then come from its own, whatever else is in the batch)."""
+        if isinstance(generator, torch.Generator):
+            idx, noise, extra = self._random(x0.shape, generator)
+        else:
+            if len(generator) != x0.shape[0]:
+                raise TrainingError(f"{len(generator)} generators for a batch of {x0.shape[0]}")
+            parts = [self._random((1, *x0.shape[1:]), g) for g in generator]
+            idx, noise = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            extra = torch.cat([p[2] for p in parts]) if self.noise_offset else None
         sigma = self.sigmas[idx].to(x0.device)
         noise = noise.to(device=x0.device, dtype=x0.dtype)
         if self.noise_offset:
-            noise = offset_noise(x0, noise, self.noise_offset, self.adaptive_noise_scale, generator)
+            noise = offset_noise(x0, noise, self.noise_offset, self.adaptive_noise_scale, extra)
         x_t = self.sampling.noise_scaling(sigma, noise, x0, False)
         return x_t, sigma, target(self.prediction, x0, noise, sigma, self.sigma_data)
+
+    def _random(self, shape, generator: torch.Generator):
+        """(σ indices, noise, the noise offset's normal draw or None), in that order from ``generator``."""
+        idx = torch.randint(0, self.sigmas.numel(), (shape[0],), generator=generator)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        extra = None
+        if self.noise_offset:
+            extra = torch.randn((*shape[:2], *[1] * (len(shape) - 2)), generator=generator, dtype=torch.float32)
+        return idx, noise, extra
 
     def batch_loss(self, pred: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The loss of a batch: the plain loss, or with min-SNR-γ the mean of each sample's loss × w(σ)."""
         if not self.min_snr_gamma:
             return self.loss(pred, target)
+        return self.sample_losses(pred, target, sigma).mean()
+
+    def sample_losses(self, pred: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Each sample's loss (B,): the mean over its elements, × w(σ) with min-SNR-γ. Their mean is
+        the batch loss, and a share of a batch contributes the sum of its samples' losses / B."""
         per_sample = self.loss(pred, target, reduction="none").flatten(1).mean(dim=1)
+        if not self.min_snr_gamma:
+            return per_sample
         w = min_snr_weight(self.prediction, sigma, self.min_snr_gamma, self.sigma_data).to(per_sample.device)
-        return (per_sample * w).mean()
+        return per_sample * w
 
 
 # ---- plain-torch schedules (no ComfyUI), with the method names ComfyUI's model_sampling uses ----

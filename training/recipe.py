@@ -148,11 +148,13 @@ class StepTexts:
         self.active = te_training or (varies and can_encode)
         self.skipped = varies and not can_encode
 
-    def __call__(self, conds: list[int], step: int, micro: int) -> list:
+    def __call__(self, conds: list[int], step: int, micro: int, positions=None) -> list:
+        """``positions``: each sample's place in the global batch (default 0, 1, …), so a caption
+        variant is the same whichever process computes the sample."""
         if not self.active:
             return conds
         out = []
-        for pos, c in enumerate(conds):
+        for pos, c in zip(positions if positions is not None else range(len(conds)), conds):
             text, options = self.captions[c]
             rng = random.Random(ad.mix(self.seed, step, micro, pos, 0xCA9))
             out.append(StepCaption(c, process(text, options, rng)))

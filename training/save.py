@@ -40,6 +40,18 @@ def save(lora: Mapping[str, torch.Tensor], loras_folder: str, *, subfolder: str 
     if not os.access(folder, os.W_OK):
         raise LoraError(f"the folder {folder!r} is not writable")
     path = next_path(folder, parts[-1])
+    save_to(lora, path, trigger_words=trigger_words, optimizer_state=optimizer_state)
+    return path, os.path.relpath(path, loras_folder).replace(os.sep, "/")
+
+
+def save_to(lora: Mapping[str, torch.Tensor], path: str, *, trigger_words: str = "",
+            optimizer_state: bool = True, overwrite: bool = False) -> str:
+    """Write ``lora`` to exactly ``path`` (atomic; an existing file is refused unless ``overwrite``),
+    with the metadata and, unless ``optimizer_state`` is False, the resume state."""
+    if not lora:
+        raise LoraError("the LoRA to save is empty")
+    if os.path.exists(path) and not overwrite:
+        raise LoraError("the file exists already: choose another output name (nothing is overwritten)", file=path)
     output_name = os.path.splitext(os.path.basename(path))[0]
     info = getattr(lora, "info", None) or meta.from_keys(lora)
     online = meta.encode_tensors(getattr(lora, "online_weights", None)) if optimizer_state else None
@@ -47,5 +59,4 @@ def save(lora: Mapping[str, torch.Tensor], loras_folder: str, *, subfolder: str 
     state = meta.encode_tensors(getattr(lora, "optimizer_state", None), budget) if optimizer_state else None
     header = meta.build(info, output_name=output_name, trigger_words=trigger_words, optimizer_state=state,
                         online_weights=online)
-    write(path, dict(lora), header)
-    return path, os.path.relpath(path, loras_folder).replace(os.sep, "/")
+    return write(path, dict(lora), header)

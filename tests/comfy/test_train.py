@@ -66,6 +66,11 @@ def trained(pack, sd15, cond):
     return train(pack, sd15, cond)
 
 
+def pack_loras():
+    import folder_paths
+    return folder_paths.get_folder_paths("loras")[0]
+
+
 def save_node(pack, lora, **kw):
     args = dict(subfolder="trained", filename_prefix="t", trigger_words="")
     args.update(kw)
@@ -118,13 +123,38 @@ def test_trains_and_returns_a_plain_state_dict_with_kohya_names(trained, sd15):
     assert steps == 2 and len(loss["loss"]) == 2
     assert isinstance(lora, dict) and all(isinstance(v, torch.Tensor) for v in lora.values())
     assert all(k.startswith("lora_unet_") for k in lora)
-    # the blocks kohya trains, convs in 4-D: resnets, attentions, samplers; never conv_in / time embedding
+    # kohya's default (networks/lora.py without conv_dim): the attention blocks' Linear and 1x1 layers only
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in lora
-    assert lora["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (4, 320, 3, 3)
-    assert lora["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"].shape == (320, 4, 1, 1)
-    assert "lora_unet_down_blocks_0_downsamplers_0_conv.alpha" in lora
-    assert not any("conv_in" in k or "time_embedding" in k or "conv_out" in k for k in lora)
+    assert lora["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape == (4, 320, 1, 1)
+    assert {k.split(".")[0].split("_attentions_")[0] for k in lora} == {
+        "lora_unet_down_blocks_0", "lora_unet_down_blocks_1", "lora_unet_mid_block", "lora_unet_up_blocks_0",
+        "lora_unet_up_blocks_1"}
+    assert all("_attentions_" in k for k in lora)
     assert model is not sd15.model
+
+
+def test_conv_dim_adds_kohyas_locon_layers_at_their_own_rank(pack, sd15, cond, caplog):
+    """kohya's conv_dim: ResNet blocks and samplers join; their 3x3 convs at conv_dim / conv_alpha, their
+    Linear and 1x1 layers at the rank; never conv_in / conv_out / the time embedding. Core loads it all."""
+    import comfy.sd
+    from loralab.lora.io import read
+
+    _, lora, _, _, _ = train(pack, sd15, cond, latents=[latent(1)], steps=1, batch_size=1, conv_dim=2,
+                             conv_alpha=1.0)
+    assert lora["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (2, 320, 3, 3)
+    assert lora["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"].shape == (320, 2, 1, 1)
+    assert lora["lora_unet_down_blocks_0_resnets_0_time_emb_proj.lora_down.weight"].shape == (4, 1280)
+    assert lora["lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight"].shape[0] == 2
+    assert lora["lora_unet_up_blocks_0_upsamplers_0_conv.lora_down.weight"].shape[0] == 2
+    assert lora["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[0] == 4
+    assert not any("conv_in" in k or "time_embedding" in k or "conv_out" in k for k in lora)
+    name = save_node(pack, lora, filename_prefix="locon")
+    meta = read(os.path.join(pack_loras(), name)).metadata
+    assert '"conv_dim": "2"' in meta["ss_network_args"] and '"conv_alpha": "1.0"' in meta["ss_network_args"]
+    with caplog.at_level(logging.WARNING):
+        m, _ = comfy.sd.load_lora_for_models(sd15.model, None, lora, 1.0, 0)
+    assert "lora key not loaded" not in caplog.text
+    assert len(m.patches) == len({k.split(".")[0] for k in lora})
 
 
 def test_input_model_is_untouched(pack, sd15, trained):
@@ -227,7 +257,7 @@ def test_rank_larger_than_a_layer_allows_is_refused(pack, sd15, cond):
     from loralab.training import adapters
     from loralab.lora.errors import LoraError
 
-    targets = adapters.find_targets(sd15.model.model.diffusion_model, train_node.layer_names(sd15.model))
+    targets = train_node.train_targets(sd15.model, conv=True)
     smallest = min(adapters.trainable("lora").max_rank(adapters.layer_op(m)) for m in targets.values())
     with pytest.raises(LoraError, match=f"rank {smallest + 1} is larger"):
         adapters.check_rank(targets, smallest + 1, "lora")

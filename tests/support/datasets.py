@@ -48,3 +48,36 @@ def kohya_folder(root: str, *, repeats: int = 2, concept: str = "sks square",
         caption_file(os.path.join(root, "plain.txt"), "a grey picture")
         out.append(("plain.png", "a grey picture", 1))
     return out
+
+
+def encoded_dataset(root: str, latent: tuple[int, ...], context: tuple[int, int], *, pooled: int | None = None,
+                    n: int = 4, seed: int = 0) -> str:
+    """A dataset as Training Dataset from Folder leaves it on disk (cache entries + manifest), with
+    random latents of shape ``latent`` and random conditioning (cross_attn ``context``, optional
+    pooled_output), without any encoder: for scripts/train.py and job tests. Returns the
+    manifest's path (``root/.loralab_cache/dataset-<id>.json``)."""
+    import hashlib
+
+    import torch
+    from loralab.training import dataset as D
+    from loralab.training.captions import CaptionOptions
+
+    g = torch.Generator().manual_seed(seed)
+    cache_root = os.path.join(root, D.CACHE_FOLDER)
+    cache = D.Cache(cache_root)
+    samples = []
+    for i in range(n):
+        key = hashlib.sha256(f"{seed}/{i}/{latent}".encode()).hexdigest()
+        lat = torch.randn(*latent, generator=g)
+        cond = {"cond": torch.randn(1, *context, generator=g)}
+        if pooled:
+            cond["extra.pooled_output"] = torch.randn(1, pooled, generator=g)
+        cache.put("latents", "l" + key, {"latent": lat})
+        cache.put("text", "t" + key, cond)
+        h, w = latent[-2] * 8, latent[-1] * 8
+        s = D.Sample(f"img{i}.png", key, f"sks, picture {i}", 1, "", (w, h), (w, h), (w, h), "l" + key, "t" + key)
+        samples.append(s)
+    ds = D.EncodedDataset(root, samples, D.BucketSpec(resolution=(latent[-1] * 8, latent[-2] * 8)), CaptionOptions())
+    path = D.write_manifest(ds, cache_root, f"random-{seed}", f"random-{seed}")
+    assert path is not None
+    return path

@@ -105,7 +105,7 @@ class Rig:
         base.update(kw)
         return self._loop.TrainConfig(**base)
 
-    LOOP_ARGS = ("te_targets", "te_root", "on_save", "on_sample", "can_encode_text")
+    LOOP_ARGS = ("te_targets", "te_root", "on_save", "on_sample", "can_encode_text", "world")
 
     def train(self, resume=None, on_step=None, loss="MSE", denoise=None, **kw):
         extra = {k: kw.pop(k) for k in self.LOOP_ARGS if k in kw}

@@ -176,7 +176,7 @@ class LoraLabMergeLoRA(_Tool):
     def INPUT_TYPES(cls):
         ratio = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
         blocks = ("STRING", {"default": "", "advanced": True,
-                             "tooltip": "Per-block weights for this LoRA (the block-weights syntax); empty: none."})
+                             "tooltip": "Per-block weights for this LoRA: a preset (OUTALL, SDXL-INALL, …) or a vector, as in LoRA Stack's rows; empty: none."})
         return {
             "required": {
                 "lora_1": _lora_in("The first LoRA."),

@@ -18,8 +18,8 @@ Refused (``LoraError``, nothing written): files made for different architectures
 differ (compared by their kohya names, so one file may use kohya and another PEFT names); algorithms
 whose ΔW depends on the base weights (IA3, OFT, BOFT, GLoRA, DoRA: see ``delta``).
 
-Per-block weights (``MergeInput.blocks``) go through the block-weights module (``lora/blocks.py``,
-``weights_for(arch, spec)`` and ``Arch.blocks``) when the build has it; see ``block_scale``.
+Per-block weights (``MergeInput.blocks``) are the stack's (``lora/blocks.py``: a preset or a vector in
+A1111 LoRA Block Weight's forms, placed by the file's architecture); see ``block_scale``.
 """
 from __future__ import annotations
 
@@ -253,17 +253,13 @@ def _same_shape(s0: Source, a0, s: Source, a) -> None:
 def block_scale(identity, spec: str | None) -> Callable[[str], float] | None:
     """module prefix -> block weight, for per-block merging; None when no weights are given.
 
-    The hook for the block-weights module: ``lora/blocks.py`` with ``weights_for(arch, spec) ->
-    {block name: weight}`` and the architecture's ``Arch.blocks.of(flat name) -> block name``. A
-    module in no block keeps weight 1. Until that module is in the build, weights are refused with
-    a clear error rather than ignored."""
+    The stack's block weights (``lora/blocks.py``: ``weights_for(arch, spec)``, a preset or a vector in
+    A1111 LoRA Block Weight's forms) placed by the file's architecture (``Arch.blocks.of(flat name)``).
+    A module in no block keeps weight 1."""
     if not spec or not str(spec).strip():
         return None
-    try:
-        from .. import blocks
-    except ImportError:
-        raise LoraError("per-block weights need LoRA Lab's block-weights module (lora/blocks.py), which this build "
-                        "does not have yet; leave the block weights empty") from None
+    from .. import blocks
+
     the_arch = identity.arch if identity is not None else None
     if the_arch is None or the_arch.blocks is None:
         raise LoraError(f"no block layout is known for {the_arch.name if the_arch else 'this file'}: per-block "

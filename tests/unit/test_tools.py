@@ -296,38 +296,26 @@ def test_merge_refuses_other_shapes_a_concatenated_loha_and_a_clamped_concatenat
         merge.merge([MergeInput(a), MergeInput(a)], rank=-3, device="cpu")
 
 
-def test_block_weights_are_refused_until_the_block_module_exists(tmp_path):
-    a = write(tmp_path, "a.safetensors", lora(ATTN + "q", 64, 64, 4))
-    try:
-        import loralab.lora.blocks  # noqa: F401
-        pytest.skip("lora/blocks.py exists: block weights are tested with it")
-    except ImportError:
-        pass
-    with pytest.raises(LoraError, match="block-weights module"):
-        merge.merge([MergeInput(a, 1.0, "1,0,1"), MergeInput(a)], device="cpu")
-
-
-def test_block_weights_scale_each_module_through_the_hook(tmp_path, monkeypatch):
-    """The hook merge calls: ``blocks.weights_for(arch, spec)`` and ``Arch.blocks.of(flat name)``."""
-    import sys
-    import types
-
-    from loralab.lora import arch
-
-    fake = types.ModuleType("loralab.lora.blocks")
-    fake.weights_for = lambda a, spec: {"IN": float(spec)}
-    monkeypatch.setitem(sys.modules, "loralab.lora.blocks", fake)
-    sd1 = arch.get("sd1")
-    layout = arch.Blocks(("IN", "OUT"), lambda flat: "IN" if "attn1" in flat else None)
-    object.__setattr__(sd1, "blocks", layout)          # entries are frozen: set and restored by hand
-    try:
-        a = write(tmp_path, "a.safetensors", {**lora(ATTN + "q", 64, 64, 4), **lora(XL_K, 64, 768, 4, seed=9)})
-        out = merge.merge([MergeInput(a, 1.0, "0.25")], device="cpu").tensors
-    finally:
-        object.__setattr__(sd1, "blocks", None)
+def test_block_weights_scale_each_module_by_its_block(tmp_path):
+    """Per-block merge (kohya svd_merge's --lbws; here concatenation too): each module's ΔW × ratio × its
+    block's weight in the SD1.x 17-value form (BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00,
+    OUT03 … OUT11): down_blocks.0.attentions.0 is IN01, up_blocks.3.attentions.2 is OUT11."""
+    out_q = "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn1_to_q"
+    a = write(tmp_path, "a.safetensors", {**lora(ATTN + "q", 64, 64, 4), **lora(out_q, 64, 64, 4, seed=3),
+                                          **lora(XL_K, 64, 768, 4, seed=9)})
+    vec = [1.0] * 17
+    vec[1], vec[16] = 0.25, 0.5
+    out = merge.merge([MergeInput(a, 2.0, ",".join(map(str, vec)))], device="cpu").tensors
     sa = load_file(a)
-    assert rel_err(delta_of(out, ATTN + "q"), 0.25 * delta_of(sa, ATTN + "q")) < TOL["fp32"]
-    assert rel_err(delta_of(out, XL_K), delta_of(sa, XL_K)) < TOL["fp32"]      # in no block: weight 1
+    assert rel_err(delta_of(out, ATTN + "q"), 2.0 * 0.25 * delta_of(sa, ATTN + "q")) < TOL["fp32"]
+    assert rel_err(delta_of(out, out_q), 2.0 * 0.5 * delta_of(sa, out_q)) < TOL["fp32"]
+    assert rel_err(delta_of(out, XL_K), 2.0 * delta_of(sa, XL_K)) < TOL["fp32"]        # IN04: weight 1
+
+    outall = merge.merge([MergeInput(a, 1.0, "OUTALL")], device="cpu").tensors      # a preset: the output blocks only
+    assert not any(k.startswith(ATTN + "q.") for k in outall)                     # weight 0: left out
+    assert rel_err(delta_of(outall, out_q), delta_of(sa, out_q)) < TOL["fp32"]
+    with pytest.raises(LoraError, match="17 .* or 26"):
+        merge.merge([MergeInput(a, 1.0, "1,0,1")], device="cpu")
 
 
 def test_merge_input_from_the_command_line():

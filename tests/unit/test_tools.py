@@ -468,13 +468,15 @@ def test_inspect_describes_algorithm_ranks_blocks_norms_and_architecture(tmp_pat
     path = write(tmp_path, "mix.safetensors", sd, {"ss_network_dim": "8", "modelspec.trigger_phrase": "ohwx"})
     data = inspect.inspect(path)
     assert data["architecture"]["name"] == "SD1.5" and data["algorithms"] == {"LoRA": 2, "LoHa": 1, "IA3": 1}
-    assert data["blocks"]["down_blocks_0"]["modules"] == 1 and data["blocks"]["down_blocks_1"]["modules"] == 1
-    assert data["blocks"]["up_blocks_1"]["modules"] == 2
+    # SD1.x's block layout (lora/blocks.py): down_blocks.0.attentions.0 is IN01, down_blocks.1.attentions.0
+    # IN04, up_blocks.1.attentions.0 OUT03 (output_blocks.3)
+    assert data["blocks"]["IN01"]["modules"] == 1 and data["blocks"]["IN04"]["modules"] == 1
+    assert data["blocks"]["OUT03"]["modules"] == 2
     assert data["norms"]["max"][0] == pytest.approx(float(torch.linalg.norm(delta_of(sd, XL_K))), rel=1e-5)
-    assert data["blocks"]["down_blocks_0"]["norm"] == pytest.approx(float(torch.linalg.norm(delta_of(sd, ATTN + "q"))), rel=1e-5)
+    assert data["blocks"]["IN01"]["norm"] == pytest.approx(float(torch.linalg.norm(delta_of(sd, ATTN + "q"))), rel=1e-5)
     assert data["norms"]["without_model"] == {"IA3": 1}
     text = inspect.report(data)
-    for part in ("architecture: SD1.5", "algorithm: ", "LoRA ×2", "trigger words: ohwx", "up_blocks_1: 2",
+    for part in ("architecture: SD1.5", "algorithm: ", "LoRA ×2", "trigger words: ohwx", "OUT03: 2",
                  "no norm without the model (ΔW depends on its weights): IA3 ×1", "ss_network_dim: 8"):
         assert part in text, part
 

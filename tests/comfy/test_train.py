@@ -305,7 +305,7 @@ def test_saved_lora_loads_in_core_loader_completely_and_equals_ours(pack, sd15, 
 def test_saved_lora_loads_in_diffusers_with_the_same_deltas(pack, sd15, trained, comfy):
     """diffusers' load_lora_weights path (kohya -> PEFT conversion) on a UNet shaped like the tiny SD1.5:
     every module of the file lands on the layer ComfyUI patched, with the same ΔW."""
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     from comfy.utils import unet_to_diffusers
 
     name = save_node(pack, trained[1])

@@ -16,8 +16,6 @@ import torch
 from loralab.lora import arch, sd_keys    # tests/conftest.py registers the pack as ``loralab``
 from loralab.lora.keys import canonical
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.loaders.single_file_utils import (  # noqa: E402
     convert_ldm_unet_checkpoint, convert_open_clip_checkpoint)

@@ -1,7 +1,7 @@
 """``python -m bench bypass``: sampling cost per step of a LoRA in bypass mode versus merged weights.
 
-The tiny SD1.5 checkpoint (``tests/support/checkpoints.py``: ~44M-parameter UNet, fp32) and a
-rank-32 kohya LoRA on every UNet Linear and Conv (``tests/support/lorafiles.py``, cached under
+The tiny SD1.5 checkpoint (``testkit/loralab_testkit/checkpoints.py``: ~44M-parameter UNet, fp32) and a
+rank-32 kohya LoRA on every UNet Linear and Conv (``testkit/loralab_testkit/lorafiles.py``, cached under
 ``.cache/bench/bypass/``). Modes:
 
     base     the model alone
@@ -30,7 +30,7 @@ import sys
 import time
 
 from .common import (CACHE_DIR, BenchError, command_line, comfy_version, machine, markdown_table, median, ratio,
-                     resolve_device, run_job, setup_comfy, sync, test_support, text_table, write_results)
+                     resolve_device, run_job, setup_comfy, sync, testkit, text_table, write_results)
 from .train import subset
 
 MODES = ("base", "merged", "bypass", "core")
@@ -51,7 +51,7 @@ def _ensure_lora(model, folder: str, rank: int) -> str:
     name = f"tiny-sd15-unet-r{rank}-{LORA_VERSION}.safetensors"
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
-        lf = test_support("lorafiles")
+        lf = testkit("lorafiles")
         adapters = lf.make_lora(lf.unet_targets(model), rank=rank, alpha=rank / 2, seed=7)
         tmp = f"{path}.{os.getpid()}.tmp"
         lf.write_lora(tmp, adapters, "kohya")
@@ -135,7 +135,7 @@ def job_run(spec: dict) -> dict:
     import comfy.model_management as mm
     import comfy.sd
 
-    ckpt = test_support("checkpoints").cached_tiny_sd15("fp32")
+    ckpt = testkit("checkpoints").cached_tiny_sd15("fp32")
     with torch.inference_mode():   # as ComfyUI executes nodes
         model = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=False, output_clip=False,
                                                       model_options={"dtype": torch.float32})[0]

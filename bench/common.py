@@ -148,19 +148,9 @@ class PeakProbe:
 
 
 # ---- ComfyUI in-process ---------------------------------------------------------------------------
-_SUPPORT = "loralab_test_support"
-
-
-def test_support(name: str):
-    """A module of tests/support (shared with the tests, not copied), imported as a package."""
-    if _SUPPORT not in sys.modules:
-        folder = os.path.join(REPO_ROOT, "tests", "support")
-        spec = importlib.util.spec_from_file_location(_SUPPORT, os.path.join(folder, "__init__.py"),
-                                                      submodule_search_locations=[folder])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules[_SUPPORT] = pkg
-        spec.loader.exec_module(pkg)
-    return importlib.import_module(f"{_SUPPORT}.{name}")
+def testkit(name: str):
+    """A module of the test kit (testkit/loralab_testkit: the tiny models and LoRA files the tests build)."""
+    return importlib.import_module(f"loralab_testkit.{name}")
 
 
 def setup_comfy(device: str, folders: dict[str, str]):
@@ -170,7 +160,7 @@ def setup_comfy(device: str, folders: dict[str, str]):
     line ``--cpu`` (comfy.model_management reads it once, at import); "cuda" leaves ComfyUI's
     own GPU choice.
     """
-    env = test_support("comfy_env")
+    env = testkit("comfy_env")
     why = env.comfy_available()
     if why:
         raise BenchError(why)

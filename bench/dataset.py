@@ -24,7 +24,7 @@ import sys
 import time
 
 from .common import (CACHE_DIR, BenchError, PeakProbe, command_line, comfy_version, machine, markdown_table, median,
-                     ratio, resolve_device, run_job, setup_comfy, test_support, text_table, write_results)
+                     ratio, resolve_device, run_job, setup_comfy, testkit, text_table, write_results)
 
 WORK = os.path.join(CACHE_DIR, "dataset")
 FOLDER = "bench_dataset"
@@ -46,7 +46,7 @@ def _input_dir() -> str:
 
 def write_folder(root: str, n: int) -> None:
     """``n`` images: a quarter at the root (repeat 1), the rest in 5_sks thing/ (repeat 5)."""
-    ds = test_support("datasets")
+    ds = testkit("datasets")
     for i in range(n):
         w, h = SIZES[i % len(SIZES)]
         sub = "" if i < n // 4 else "5_sks thing"
@@ -60,7 +60,7 @@ def write_folder(root: str, n: int) -> None:
 # ---- worker side ------------------------------------------------------------------------------------
 def job_prepare(spec: dict) -> dict:
     setup_comfy("cpu", _folders())
-    ckpt = test_support("checkpoints").tiny_sd15_path(_folders()["checkpoints"], "fp32")
+    ckpt = testkit("checkpoints").tiny_sd15_path(_folders()["checkpoints"], "fp32")
     root = os.path.join(_input_dir(), FOLDER)
     shutil.rmtree(root, ignore_errors=True)
     write_folder(root, spec["images"])

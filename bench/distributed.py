@@ -24,7 +24,7 @@ import tempfile
 import time
 
 from .common import (CACHE_DIR, REPO_ROOT, BenchError, command_line, markdown_table, median, ratio, run_job,
-                     test_support, text_table, write_results)
+                     testkit, text_table, write_results)
 
 WORK = os.path.join(CACHE_DIR, "distributed")
 UNET = os.path.join(CACHE_DIR, "train", "tiny-sd15-v1-unet-fp32.safetensors")   # bench train's file
@@ -34,8 +34,8 @@ MB = 2 ** 20
 
 def job_prepare(spec: dict) -> dict:
     """The dataset manifest: random latents (4, size, size) and CLIP-L-sized conditioning, seeded."""
-    test_support("comfy_env").register_pack()
-    path = test_support("datasets").encoded_dataset(spec["folder"], (4, spec["size"], spec["size"]), (77, 768),
+    testkit("comfy_env").register_pack()
+    path = testkit("datasets").encoded_dataset(spec["folder"], (4, spec["size"], spec["size"]), (77, 768),
                                                     pooled=768, n=spec["images"], seed=1234)
     return {"manifest": path}
 

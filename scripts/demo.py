@@ -23,10 +23,9 @@ import socket
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))   # the support package builds the tiny model files
+from loralab_testkit import checkpoints, comfy_env, server   # the tiny model files, ComfyUI, the server
 
-from support import checkpoints, comfy_env, server  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEMO_BASE = os.path.join(ROOT, ".cache", "demo")
 DEMO_OUT = os.path.join(ROOT, "demo-out")

@@ -22,11 +22,10 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))   # the support package builds the tiny model files
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from demo import tiny_checkpoint  # noqa: E402
-from support import server  # noqa: E402
+from loralab_testkit import server  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 SIZE = (640, 640)           # what is saved: the template cards are square

@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from support import lorafiles, server
+from loralab_testkit import lorafiles, server
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

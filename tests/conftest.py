@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from support import comfy_env
+from loralab_testkit import comfy_env
 
 # The repo root must not be a top-level import path (``python -m pytest`` adds the cwd): its
 # nodes/ would shadow ComfyUI's nodes.py and lora/ would load a second copy of the core.
@@ -123,13 +123,13 @@ def pack(comfy):
 
 @pytest.fixture(scope="session")
 def tiny_sd15_file(comfy) -> str:
-    from support import checkpoints
+    from loralab_testkit import checkpoints
     return checkpoints.tiny_sd15_path(comfy.checkpoints_dir, "fp32")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd15_fp16_file(comfy) -> str:
-    from support import checkpoints
+    from loralab_testkit import checkpoints
     return checkpoints.tiny_sd15_path(comfy.checkpoints_dir, "fp16")
 
 
@@ -171,7 +171,7 @@ def _restore_from_file(sd15: SD15, keys) -> None:
 
 
 def _load_shared(path: str, dtype: str) -> SD15:
-    from support import checkpoints
+    from loralab_testkit import checkpoints
 
     sd15 = SD15(*checkpoints.load_tiny_sd15(path, dtype=dtype), path)
     _SHARED.append((sd15, _fingerprint(sd15)))
@@ -223,7 +223,7 @@ def lora_file(request, comfy):
     ``few=True`` picks a small spread of them). ``alpha="default"``: rank/2 where the scheme can
     store alpha, else none (scale 1). The file lands in loras/<subfolder>/, named after the test.
     """
-    from support import lorafiles
+    from loralab_testkit import lorafiles
 
     counter = iter(range(10**6))
 

@@ -19,7 +19,7 @@ TOL = {
     "bypass_bf16": 2e-2,
     # Cross-checks against producing libraries (lycoris-lora, PEFT): their fp32 math vs ours.
     "reference_fp32": 1e-5,
-    # One network written twice, ComfyUI's and diffusers' (tests/support/families.py twins): other
+    # One network written twice, ComfyUI's and diffusers' (testkit/loralab_testkit/families.py twins): other
     # attention kernels, rope and norm op order, fp32; seen up to 7e-6 (Z-Image) on the tiny models.
     "twin_forward_fp32": 3e-5,
     # LoRA tools (lora/tools): an fp32 SVD (QR core of factors, Gram eigendecomposition) against

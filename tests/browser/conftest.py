@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import browser_ui
-from support import server
+from loralab_testkit import server
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import re
 
 import browser_ui as ui
 from browser_ui import QUEUE_AND_WAIT, READY, REPORT_OF
-from support import server
+from loralab_testkit import server
 
 
 def test_extension_loads_and_nodes_can_be_added(page, srv):
@@ -123,7 +123,7 @@ SAMPLE_SHOWN = """(id) => {
 
 
 def test_train_from_folder_shows_the_dataset_report_and_the_sample(page, srv):
-    from support.datasets import kohya_folder
+    from loralab_testkit.datasets import kohya_folder
 
     folder = "browser_dataset"
     kohya_folder(os.path.join(srv.base, "input", folder))

@@ -17,7 +17,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import browser_ui as ui
-from support import server
+from loralab_testkit import server
 
 LORAS = {  # name in the loras folder -> (metadata, preview sidecar)
     "styles/watercolor/watercolor_v2.safetensors": ("rich", "png"),

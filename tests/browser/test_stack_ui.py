@@ -11,7 +11,7 @@ import json
 import os
 
 import browser_ui as ui
-from support import server
+from loralab_testkit import server
 
 STACK_WORKFLOW = os.path.join(server.REPO_ROOT, "example_workflows", "Stack several LoRAs and sample.json")
 DEMO, INK, DETAIL = (server.DEMO_LORA, *server.DEMO_STACK_LORAS)

@@ -54,7 +54,7 @@ def _check_layout(family: str, shapes: dict, expect_blocks: set[str]):
 
 def test_full_sd15_layout_every_module_in_every_naming(comfy):
     from loralab.lora.blocks import SD_UNET
-    from support import checkpoints
+    from loralab_testkit import checkpoints
 
     shapes = checkpoints._shapes(full=True, vae=False)
     n_weights, n_names = _check_layout("sd1", shapes, set(SD_UNET.names) | {None})
@@ -63,7 +63,7 @@ def test_full_sd15_layout_every_module_in_every_naming(comfy):
 
 def test_full_sdxl_layout_every_module_in_every_naming(comfy):
     from loralab.lora.blocks import SDXL_UNET
-    from support import families as F
+    from loralab_testkit import families as F
 
     shapes = {k: v for k, v in F._sdxl_internal_shapes().items() if not k.startswith("first_stage_model.")}
     n_weights, _ = _check_layout("sdxl", shapes, set(SDXL_UNET.names) | {None})
@@ -106,7 +106,7 @@ def test_sdxl_block_weights_numbers(pack, tiny_sdxl, comfy):
     block (20-value form), strength 0.9."""
     from loralab.lora.blocks import SDXL_UNET
     from loralab.nodes import comfy_model
-    from support import lorafiles
+    from loralab_testkit import lorafiles
 
     targets = lorafiles.unet_targets(tiny_sdxl.model, kinds=("linear", "conv"))
     by_block: dict = {}
@@ -134,7 +134,7 @@ def test_flux_block_weights_numbers(pack, tiny_flux, family_lora, producer):
     tiny Flux: double block i moves by D_i, single block j by S_j, everything else by BASE."""
     from loralab.lora.blocks import FLUX_DIT
     from loralab.nodes import comfy_model
-    from support import family_loras as L
+    from loralab_testkit import family_loras as L
 
     f = family_lora(tiny_flux, producer)
     w = _random_vector(FLUX_DIT.names, 5)

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from support.datasets import caption_file, image_file, kohya_folder
+from loralab_testkit.datasets import caption_file, image_file, kohya_folder
 
 pytestmark = pytest.mark.comfy
 

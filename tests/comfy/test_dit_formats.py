@@ -1,5 +1,5 @@
 """The DiT-family files ComfyUI 0.3.75 core does not load, loaded by LoRA Lab on the tiny models of
-tests/support/families.py (ComfyUI's own classes, random weights):
+testkit/loralab_testkit/families.py (ComfyUI's own classes, random weights):
 
 - key maps: every Linear / Conv of every family's diffusers twin, in every naming (diffusers / PEFT
   ``transformer.``, SimpleTuner's LyCORIS ``lycoris_``, OneTrainer ``lora_transformer_``,
@@ -7,7 +7,7 @@ tests/support/families.py (ComfyUI's own classes, random weights):
   (families.twin_map), through ``nodes.comfy_model.key_map``; where ComfyUI's map has a name, ours
   agrees with it;
 - numbers: each format loaded through the loader (merged and forward pass) equals an independent
-  computation from the file (tests/support/family_loras.py: the producer's documented formula; for
+  computation from the file (testkit/loralab_testkit/family_loras.py: the producer's documented formula; for
   PEFT and LyCORIS pinned there to diffusers + PEFT and LyCORIS themselves), and equals ComfyUI core
   (≤ 1e-6) wherever core loads the file;
 - bad input: a file of these formats on the wrong family gets the diagnosing report; a Flux OFT
@@ -21,8 +21,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from support import families as F
-from support import family_loras as L
+from loralab_testkit import families as F
+from loralab_testkit import family_loras as L
 from tolerances import TOL, rel_err
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("one_torch_thread")]

@@ -1,5 +1,5 @@
-"""The tiny models of every family (tests/support/families.py), their diffusers twins, and the LoRA
-files their producers write (tests/support/family_loras.py).
+"""The tiny models of every family (testkit/loralab_testkit/families.py), their diffusers twins, and the LoRA
+files their producers write (testkit/loralab_testkit/family_loras.py).
 
 - every family builds from ComfyUI 0.3.75's classes, loads the way users load it, runs a forward
   and a comfy.sample step on CPU, and its conditioning reaches the output;
@@ -17,8 +17,8 @@ import os
 import pytest
 import torch
 
-from support import families as F
-from support import family_loras as L
+from loralab_testkit import families as F
+from loralab_testkit import family_loras as L
 from tolerances import TOL, rel_err
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("one_torch_thread")]
@@ -85,7 +85,7 @@ def test_unet_loader_node_loads_the_written_file(tiny_wan21_i2v):
 
 
 def test_sdxl_checkpoint_loads_as_sdxl_and_samples(tiny_sdxl):
-    from support import checkpoints
+    from loralab_testkit import checkpoints
 
     model, clip, vae = tiny_sdxl.model, tiny_sdxl.clip, tiny_sdxl.vae
     assert type(model.model.model_config).__name__ == "SDXL"

@@ -1,7 +1,7 @@
 """LoraLabLoadLoRA / LoraLabLoraLoaderModelOnly inside ComfyUI (in-process, CPU).
 
 Every format is checked against an independent reference (ΔW computed by the test's own writer,
-tests/support/lorafiles.py) and, where ComfyUI core handles the format correctly, against core's
+testkit/loralab_testkit/lorafiles.py) and, where ComfyUI core handles the format correctly, against core's
 LoraLoader on the same checkpoint, file and strengths.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from support.comfy_env import patched_weights as weights
-from support.comfy_env import unet_out as _unet_out
+from loralab_testkit.comfy_env import patched_weights as weights
+from loralab_testkit.comfy_env import unet_out as _unet_out
 from tolerances import TOL, rel_err
 
 CORE_CORRECT = ("kohya", "kohya_ldm", "diffusers_old", "comfy")
@@ -126,7 +126,7 @@ def test_stack_of_two_is_base_plus_both_deltas(pack, tiny_sd15, base, lora_file)
 @pytest.fixture(scope="module")
 def fp16_model(tiny_sd15_fp16_file):
     """The UNet held in fp16 (ComfyUI would pick fp32 on the CPU by itself)."""
-    from support import checkpoints
+    from loralab_testkit import checkpoints
     return checkpoints.load_tiny_sd15(tiny_sd15_fp16_file, dtype="fp16", model_dtype=torch.float16)[0]
 
 
@@ -276,7 +276,7 @@ def test_on_no_match_stops_the_run_with_the_report(pack, tiny_sd15, comfy, lora_
     """A file none of whose keys fit the model: 'warn' passes the model through with a 0-match
     report; 'stop the run' raises, and the error carries the report (file name, 0 of N)."""
     from loralab.lora import LoraError
-    from support import lorafiles
+    from loralab_testkit import lorafiles
 
     targets = [lorafiles.Target(f"diffusion_model.label_emb.{i}.0.weight", (32, 16), "unet") for i in range(3)]
     path = os.path.join(comfy.loras_dir, "other_model_for_on_no_match.safetensors")
@@ -301,7 +301,7 @@ def test_lora_model_input_interchanges_with_core(pack, tiny_sd15, base):
     """Core's LoraModelLoader and ours give the same weights for the same LORA_MODEL state dict
     (core's TrainLoraNode emits `diffusion_model.<path>.lora_up.weight / lora_down.weight / alpha`)."""
     from comfy_extras.nodes_train import LoraModelLoader
-    from support import lorafiles
+    from loralab_testkit import lorafiles
 
     ads = lorafiles.make_lora(lorafiles.pick(lorafiles.unet_targets(tiny_sd15.model)), rank=4, alpha=2.0, seed=5)
     sd, _, _ = lorafiles.state_dict(ads, "comfy")

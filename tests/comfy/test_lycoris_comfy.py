@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from support.comfy_env import patched_weights as patched
+from loralab_testkit.comfy_env import patched_weights as patched
 from tolerances import TOL, rel_err
 from unit import test_adapters_matrix as M
 

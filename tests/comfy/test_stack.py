@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from support.comfy_env import patched_weights as weights
+from loralab_testkit.comfy_env import patched_weights as weights
 from tolerances import TOL, rel_err
 
 FORWARD = {"mode": "forward pass"}
@@ -200,7 +200,7 @@ def test_block_presets_and_lbw_tag(pack, tiny_sd15, base, lora_file):
 
 
 def test_forward_pass_stack_equals_merged(pack, tiny_sd15, three):
-    from support.comfy_env import unet_out as _unet_out
+    from loralab_testkit.comfy_env import unet_out as _unet_out
 
     rows = [{"lora": s.name, "strength": 0.4 * (i + 1)} for i, s in enumerate(three)]
     rows[1]["blocks"] = "MIDD"
@@ -230,7 +230,7 @@ def test_trigger_words_in_stack_order(pack, tiny_sd15, comfy, three):
 @pytest.fixture
 def named(comfy):
     """Files to resolve names against: one stem in two folders (ambiguous), one with an alias."""
-    from support import lorafiles
+    from loralab_testkit import lorafiles
 
     root = comfy.loras_dir
     made = {}

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from support import lorafiles
-from support.comfy_env import REPO_ROOT
+from loralab_testkit import lorafiles
+from loralab_testkit.comfy_env import REPO_ROOT
 from support.rank_rules import optimality_gap
 from tolerances import TOL, rel_err
 
@@ -147,7 +147,7 @@ def test_convert_keeps_a_loha_a_loha(pack, comfy, tiny_sd15, caplog):
 def test_convert_a_diffusers_flux_lora_to_native_names(pack, tiny_flux, family_lora, caplog):
     """diffusers' to_q / to_k / to_v on Flux are row slices of ComfyUI's fused qkv: converted to one
     LoRA on the fused weight per block, the whole file loads in core, as the reference ΔW."""
-    from support import family_loras as L
+    from loralab_testkit import family_loras as L
 
     f = family_lora(tiny_flux, "peft", rank=4, alpha=2.0)
     for to in ("comfy", "kohya"):
@@ -224,7 +224,7 @@ def test_extract_from_a_model_and_its_lora_patched_self_recovers_the_lora(pack, 
 
 def test_extract_works_on_a_dit(pack, tiny_flux, family_lora):
     """Flux and a kohya Flux LoRA loaded onto it: the extracted LoRA is that LoRA (core loads it, all keys)."""
-    from support import family_loras as L
+    from loralab_testkit import family_loras as L
 
     f = family_lora(tiny_flux, "kohya", rank=4, alpha=2.0)
     patched = node(pack, "LoraLabLoraLoaderModelOnly").load(tiny_flux.model, os.path.basename(f.path), 1.0)["result"][0]
@@ -272,7 +272,7 @@ def tuned_checkpoint(tiny_sd15_file, tmp_path_factory):
 
 def test_nodes_and_the_command_line_write_the_same_files(pack, comfy, tiny_sd15, tiny_sd15_file, tuned_checkpoint,
                                                          lora_file, cli, monkeypatch, tmp_path, capsys):
-    from support import checkpoints
+    from loralab_testkit import checkpoints
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
     a, b = lora_file("kohya", few=True, rank=8, seed=1), lora_file("peft_alpha", few=True, rank=4, seed=2)
@@ -306,7 +306,7 @@ def test_nodes_and_the_command_line_write_the_same_files(pack, comfy, tiny_sd15,
 def test_command_line_convert_with_comfyuis_key_maps(pack, tiny_sd3, family_lora, cli, monkeypatch, tmp_path, capsys):
     """With COMFYUI_PATH, loratool.py reads a DiT file's key names through ComfyUI (the model built on
     the meta device from the header): a diffusers SD3 LoRA converts as the node converts it."""
-    from support.comfy_env import comfy_dir
+    from loralab_testkit.comfy_env import comfy_dir
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
     monkeypatch.setenv("COMFYUI_PATH", comfy_dir())

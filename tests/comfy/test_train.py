@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from support.comfy_env import patched_weights as weights
+from loralab_testkit.comfy_env import patched_weights as weights
 from tolerances import TOL, rel_err
 
 pytestmark = pytest.mark.comfy

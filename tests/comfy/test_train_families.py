@@ -1,9 +1,9 @@
 """Train LoRA on every model family ComfyUI 0.3.75 runs (tiny random models from ComfyUI's own classes,
-tests/support/families.py): the layers kohya / musubi-tuner train for the family, under the names
+testkit/loralab_testkit/families.py): the layers kohya / musubi-tuner train for the family, under the names
 they write; the file loads in core's LoraLoaderModelOnly with no key dropped; the run is bit-identical
 on the CPU; and (SD1.5, SDXL, SD3, Flux, Wan) the loss on fixed draws falls.
 
-The other families tests/support builds each get the quick checks (selection, core load, bit
+The other families the test kit builds each get the quick checks (selection, core load, bit
 identity): Flux schnell, Wan 2.1 I2V, Wan 2.2 TI2V, HunyuanVideo, Lumina 2, Z-Image, Qwen-Image and
 HiDream; all of them predict flow velocity, which ComfyUI's model_sampling (CONST) covers.
 """
@@ -16,7 +16,7 @@ import re
 import pytest
 import torch
 
-from support import families as F
+from loralab_testkit import families as F
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("one_torch_thread")]
 

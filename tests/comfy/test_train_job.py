@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from support import datasets
-from support import families as F
+from loralab_testkit import datasets
+from loralab_testkit import families as F
 
 pytestmark = pytest.mark.comfy
 

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from support.datasets import kohya_folder
+from loralab_testkit.datasets import kohya_folder
 
 pytestmark = pytest.mark.comfy
 

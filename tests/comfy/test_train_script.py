@@ -1,7 +1,7 @@
 """scripts/train.py, as users run it: one process, and data-parallel under torchrun on the CPU (gloo).
 
 The model is the tiny SD3 as a diffusion-model file and the dataset a manifest of random encodings
-(tests/support/datasets.encoded_dataset), so each run is a few seconds of ComfyUI import and a few
+(testkit/loralab_testkit/datasets.encoded_dataset), so each run is a few seconds of ComfyUI import and a few
 steps; one test encodes a real image folder with the tiny SD1.5 checkpoint. Checked:
 - 2 processes give the 1-process LoRA (tolerances: distributed_*); only process 0 writes files;
 - a file saved every N steps resumes under another number of processes, to the straight run's LoRA;
@@ -18,9 +18,9 @@ import sys
 import pytest
 import torch
 
-from support import datasets
-from support import families as F
-from support.comfy_env import REPO_ROOT, comfy_dir
+from loralab_testkit import datasets
+from loralab_testkit import families as F
+from loralab_testkit.comfy_env import REPO_ROOT, comfy_dir
 from tolerances import TOL, rel_err
 
 pytestmark = pytest.mark.comfy

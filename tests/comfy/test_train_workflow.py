@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from support import server
+from loralab_testkit import server
 
 pytestmark = pytest.mark.server
 

@@ -18,7 +18,7 @@ import requests
 import torch
 from safetensors.torch import load_file, save_file
 
-from support import server
+from loralab_testkit import server
 
 SUB = "routes_test"
 PNG = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x02\0\0\0\x90wS\xde\0\0\0\x0cIDATx\x9cc\xf8\x0f\0\0\x01\x01\0\x05\x18\xd8N\0\0\0\0IEND\xaeB`\x82"

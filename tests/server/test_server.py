@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from support import server
+from loralab_testkit import server
 
 COUNTS = re.compile(r"(\d+) of (\d+) keys match")
 
@@ -186,7 +186,7 @@ def test_diffusers_named_wan_lora_through_post_prompt(srv, comfy):
     mixed separators files in the wild have) queued as a workflow: Load Diffusion Model (the tiny
     Wan 2.1 T2V) -> Load LoRA, model only -> core's ModelSave. The saved weights are the base plus
     strength · ΔW computed from the file, on the layers the file names (diffusers -> ComfyUI by hand)."""
-    from support import families as F
+    from loralab_testkit import families as F
 
     models = os.path.join(srv.base, "models", "diffusion_models")
     unet = F.write_diffusion_model("wan21_t2v", models)

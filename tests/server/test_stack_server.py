@@ -11,7 +11,7 @@ import re
 import pytest
 import requests
 
-from support import server
+from loralab_testkit import server
 
 EXAMPLES = ("Stack several LoRAs and sample.json", "Prompt with LoRA tags and sample.json",
             "LoRA block weights and sample.json")

@@ -9,7 +9,7 @@ import os
 import pytest
 from safetensors.torch import load_file
 
-from support import server
+from loralab_testkit import server
 
 pytestmark = pytest.mark.server
 

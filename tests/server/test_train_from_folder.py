@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
-from support import server
-from support.datasets import kohya_folder
+from loralab_testkit import server
+from loralab_testkit.datasets import kohya_folder
 
 pytestmark = pytest.mark.server
 

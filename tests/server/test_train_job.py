@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from support import server
-from support.comfy_env import comfy_dir
-from support.datasets import kohya_folder
+from loralab_testkit import server
+from loralab_testkit.comfy_env import comfy_dir
+from loralab_testkit.datasets import kohya_folder
 
 pytestmark = pytest.mark.server
 

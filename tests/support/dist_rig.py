@@ -8,7 +8,6 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))            # tests/: support, and the unit test modules
 
 # buckets of 3 samples and a global batch of 4 over 2 processes: full shares (2 + 2) never happen,
 # the short batch is split 2 + 1; two micro-batches per step
@@ -22,7 +21,7 @@ SCENARIOS = {
 def rig_class():
     import importlib.util
 
-    from support.comfy_env import register_pack
+    from loralab_testkit.comfy_env import register_pack
 
     register_pack()
     path = os.path.join(os.path.dirname(HERE), "unit", "test_training_model.py")

@@ -27,7 +27,7 @@ import os
 
 import pytest
 
-from . import families as F
+from loralab_testkit import families as F
 
 __all__ = ["tiny_family", "tiny_sdxl", "family_lora", "family_models_left_as_found", "one_torch_thread",
            *(f"tiny_{n}" for n in F.FAMILIES), "tiny_wan_t2v", "tiny_wan_i2v"]
@@ -160,7 +160,7 @@ def one_torch_thread():
 @pytest.fixture
 def family_lora(request, comfy):
     """family_lora(tiny, producer="peft", name=None, subfolder="", **kwargs) -> LoraFile in loras/."""
-    from . import family_loras as L
+    from loralab_testkit import family_loras as L
 
     writers = {"peft": L.write_peft, "lycoris": L.write_lycoris, "kohya": L.write_kohya,
                "kohya_mixed": L.write_kohya_mixed, "onetrainer": L.write_onetrainer, "xlabs": L.write_xlabs,

@@ -454,7 +454,7 @@ def test_readme_lists_every_family_and_variant():
     """README's "Model families" table is the users' view of the table: keep them in step."""
     import os
 
-    from support.comfy_env import REPO_ROOT
+    from loralab_testkit.comfy_env import REPO_ROOT
 
     with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as fh:
         readme = fh.read()

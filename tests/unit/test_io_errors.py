@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from loralab.lora import LoraError, parse, read, write
-from support.comfy_env import REPO_ROOT
+from loralab_testkit.comfy_env import REPO_ROOT
 
 
 def _lora(rank=4, out=8, inp=6):

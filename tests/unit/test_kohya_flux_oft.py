@@ -1,5 +1,5 @@
 """kohya sd-scripts' Flux OFT (``networks/oft_flux.py``) against its own forward, written out from that
-file in ``support.family_loras.kohya_oft_weight`` (per part of the output rows, Q = B − Bᵀ clipped as
+file in ``loralab_testkit.family_loras.kohya_oft_weight`` (per part of the output rows, Q = B − Bᵀ clipped as
 ``(min(‖Q‖, alpha·rows) + 1e-8) / (‖Q‖ + 1e-8)``, R = (I + Q)(I − Q)⁻¹ by inverse, R_s = s·(R − I) + I
 its multiplier, the weight ``einsum("k n m, k n p -> k m p", R_s, W as (k, n, in))``); the bias untouched.
 
@@ -14,7 +14,7 @@ import torch
 from loralab.lora import LoraError, apply, parse
 from loralab.lora.adapters.oft_flux import FluxOFT
 from loralab.lora.bypass import attach
-from support.family_loras import kohya_oft_weight
+from loralab_testkit.family_loras import kohya_oft_weight
 from tolerances import TOL, rel_err
 
 PREFIX = "oft_unet_single_blocks_0_linear1"

@@ -517,7 +517,7 @@ def test_written_metadata_hashes_are_kohyas_and_files_are_reproducible(tmp_path,
 def test_the_command_line_writes_what_the_functions_write(tmp_path, monkeypatch, capsys):
     import importlib.util
 
-    from support.comfy_env import REPO_ROOT
+    from loralab_testkit.comfy_env import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("loratool", os.path.join(REPO_ROOT, "scripts", "loratool.py"))
     cli = importlib.util.module_from_spec(spec)

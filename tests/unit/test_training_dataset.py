@@ -13,11 +13,11 @@ from PIL import Image
 from loralab.training import dataset as ds
 from loralab.training.captions import CaptionOptions
 from loralab.training.errors import TrainingError
-from support.datasets import caption_file as caption
+from loralab_testkit.datasets import caption_file as caption
 
 
 def image(path, w, h, color=(200, 30, 30)):
-    from support.datasets import image_file
+    from loralab_testkit.datasets import image_file
     return image_file(path, w, h, color, square=False)
 
 

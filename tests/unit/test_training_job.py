@@ -9,7 +9,7 @@ import torch
 
 from loralab.training import dataset, job
 from loralab.training.errors import TrainingError
-from support.datasets import encoded_dataset
+from loralab_testkit.datasets import encoded_dataset
 
 SETTINGS = {"steps": 3, "batch_size": 2, "learning_rate": 0.01}
 CKPT = {"folder": "checkpoints", "name": "model.safetensors", "path": "/elsewhere/model.safetensors",

@@ -7,7 +7,7 @@ values do not depend on which other keys exist). ``model.model.model_config``, `
 
 How to use (after the ``comfy`` fixture, or ``comfy_env.setup``)::
 
-    from support import families as F
+    from loralab_testkit import families as F
 
     m = F.build("flux")                      # ModelPatcher; also "flux_schnell", "sd3", "wan21_t2v",
                                              # "wan21_i2v", "wan22_ti2v", "hunyuan_video", "lumina2",

@@ -8,7 +8,7 @@ ComfyUI's key maps write it; ΔW is in ComfyUI's layout (row order included).
 
 How to use (after the ``comfy`` fixture)::
 
-    from support import families as F, family_loras as L
+    from loralab_testkit import families as F, family_loras as L
 
     m = F.build("flux")
     f = L.write_peft(m, path, rank=4, alpha=2.0)          # diffusers FluxPipeline.save_lora_weights

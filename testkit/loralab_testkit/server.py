@@ -7,7 +7,7 @@ Layout of a server's base directory (``--base-directory``: nothing touches the C
     <base>/models/loras/loralab_demo/tiny_sd15_demo_lora.safetensors   a kohya LoRA for it, in a subfolder
     <base>/models/loras/loralab_demo/… (DEMO_STACK_LORAS)   two more, with trigger words, for the stack examples
     <base>/models/loras/loralab_demo/tiny_sd15_demo_lora_b.safetensors  another (seed 1), for merge_and_resize
-    <base>/input/loralab_demo_dataset/   a few captioned images in kohya's layout (support/datasets.py)
+    <base>/input/loralab_demo_dataset/   a few captioned images in kohya's layout (datasets.py)
     <base>/output, input, temp, user, comfyui.log
 
 ``example_workflows/Load a LoRA and sample.json`` names exactly these two files;
@@ -18,7 +18,7 @@ Layout of a server's base directory (``--base-directory``: nothing touches the C
         entry = srv.run(srv.example_prompt())   # POST /prompt, then waits on /history/<id>
         assert entry["status"]["status_str"] == "success"
 
-Only the standard library, requests, torch/safetensors and the sibling support modules are used
+Only the standard library, requests, torch/safetensors and the sibling test-kit modules are used
 (no pytest), so scripts/demo.py can use this too.
 """
 from __future__ import annotations

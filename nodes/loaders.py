@@ -73,8 +73,8 @@ def _load(node, model, clip, lora_name, strength_model, strength_clip, dyn_rank=
 class LoraLabLoadLoRA:
     DESCRIPTION = ("Apply a LoRA-family file (LoRA, LoCon, LoHa, LoKr, IA3, GLoRA, OFT, BOFT, DyLoRA, DoRA, "
                    "full diffs; kohya, diffusers, PEFT, LyCORIS, OneTrainer, XLabs or ComfyUI naming) to the "
-                   "diffusion model and the text encoder. Reports how many of the file's keys matched. Chain "
-                   "several for a stack.")
+                   "diffusion model and the text encoder. Reports how many of the file's keys matched. For many "
+                   "LoRAs on one clone, use LoRA Stack.")
     CATEGORY = "loaders/LoRA Lab"
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")

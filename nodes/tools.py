@@ -72,6 +72,14 @@ def _device():
     return comfy.model_management.get_torch_device()
 
 
+def _key_map(model, clip):
+    """The model's key map as the loaders build it for a file (comfy_model.key_map: ComfyUI's maps plus
+    the DiT names core drops, for the file's modules), as the tools take it; None without a model."""
+    if model is None and clip is None:
+        return None
+    return lambda modules: comfy_model.key_map(model, clip, modules)
+
+
 def _method(value: str):
     return None if value == "none" else value
 
@@ -210,7 +218,7 @@ class LoraLabMergeLoRA(_Tool):
         picked = [(lora_1, ratio_1, block_weights_1), (lora_2, ratio_2, block_weights_2),
                   (lora_3, ratio_3, block_weights_3), (lora_4, ratio_4, block_weights_4)]
         inputs = [merge.MergeInput(_path(n), r, b or None) for n, r, b in picked if n and n != NONE]
-        km = comfy_model.key_map(model, clip) if model is not None or clip is not None else None
+        km = _key_map(model, clip)
         result = merge.merge(inputs, rank=rank or None, conv_rank=conv_rank or None, clamp_quantile=clamp_quantile,
                              dtype=dtype, device=_device(), key_map=km)
         return _write(result, filename_prefix)
@@ -297,7 +305,7 @@ class LoraLabConvertLoRA(_Tool):
         shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
         if clip is not None:
             shapes.update({k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()})
-        result = convert.convert(_path(lora_name), comfy_model.key_map(model, clip), to,
+        result = convert.convert(_path(lora_name), _key_map(model, clip), to,
                                  model=comfy_model.model_arch(model), shapes=shapes, text_encoder=clip is not None)
         return _write(result, filename_prefix)
 
@@ -322,8 +330,7 @@ class LoraLabInspectLoRA:
         }
 
     def run(self, lora_name, model=None, clip=None):
-        km = comfy_model.key_map(model, clip) if model is not None or clip is not None else None
-        data = inspect.inspect(_path(lora_name), key_map=km, model=comfy_model.model_arch(model))
+        data = inspect.inspect(_path(lora_name), key_map=_key_map(model, clip), model=comfy_model.model_arch(model))
         text = inspect.report(data)
         return {"ui": {"text": [text]}, "result": (text,)}
 

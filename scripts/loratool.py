@@ -71,7 +71,8 @@ def comfy_model_map(path: str):
                         "needed)", file=header.name)
     patcher = types.SimpleNamespace(model=config.get_model(sd, "", device="meta"))
     shapes = {k: tuple(v.shape) for k, v in patcher.model.state_dict().items()}
-    return comfy_model.key_map(patcher, None), comfy_model.model_arch(patcher), shapes
+    # a function of the LoRA's module names: the loaders' map for that file (with the DiT names core drops)
+    return (lambda modules: comfy_model.key_map(patcher, None, modules)), comfy_model.model_arch(patcher), shapes
 
 
 def model_map(path: str):

@@ -24,7 +24,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Union
 
 import torch
 
@@ -60,6 +60,18 @@ class Source:
             if d in found:
                 return torch.float32 if d == torch.float64 else d
         return torch.float32
+
+
+# A model's key map (file module name -> the model's target), or a function giving one for a file's module
+# names: ComfyUI's maps name what core loads, and LoRA Lab adds the names core drops for the modules a
+# file has (nodes/comfy_model.key_map with the model bound: diffusers / XLabs / mixed-separator DiT names).
+KeyMap = Union[Mapping[str, Any], Callable[[list], Mapping[str, Any]]]
+
+
+def key_map_for(key_map: KeyMap | None, modules: Iterable[str]) -> Mapping[str, Any] | None:
+    """The key map to match a file with these module names against: ``key_map`` itself, or what the
+    function gives for them."""
+    return key_map(list(modules)) if callable(key_map) else key_map
 
 
 def load(path: str) -> Source:

@@ -62,14 +62,16 @@ def module_targets(src: Source, key_map: Mapping[str, Any], *, text_encoder: boo
     return m.targets
 
 
-def convert(source: Source | str, key_map: Mapping[str, Any], style: str, *, model: arch_table.Identity | None = None,
+def convert(source: Source | str, key_map: common.KeyMap, style: str, *, model: arch_table.Identity | None = None,
             shapes: Mapping[str, Any] | None = None, text_encoder: bool = True) -> Result:
-    """The renamed file as a Result. ``key_map``: names -> keys of the model to convert for;
+    """The renamed file as a Result. ``key_map``: names -> keys of the model to convert for (or a
+    function of the file's module names giving them, ``common.KeyMap``);
     ``model``: what that model is (for metadata and messages); ``shapes``: its keys' shapes (the
     size of a fused weight whose slices the file covers only in part); ``style``: "kohya" or "comfy"."""
     if style not in naming.STYLES:
         raise LoraError(f"convert to {style!r}: use one of {', '.join(naming.STYLES)}")
     src = common.load(source) if isinstance(source, str) else source
+    key_map = common.key_map_for(key_map, src.parsed.modules)
     targets = module_targets(src, key_map, text_encoder=text_encoder, model=model)
     the_arch = model.arch if model is not None and model.arch is not None else src.identity.arch
     names = naming.names_for(key_map, style, the_arch)

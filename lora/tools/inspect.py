@@ -17,7 +17,6 @@ import math
 import os
 import re
 from collections import Counter, defaultdict
-from typing import Any, Mapping
 
 import torch
 
@@ -27,7 +26,7 @@ from ..errors import LoraError
 from ..info import summarize
 from ..io import read
 from ..patch import match
-from . import delta
+from . import common, delta
 
 _BLOCK = re.compile(r"^(.*?_\d+)(?:_|$)")
 MAX_VALUE = 160      # characters of a metadata value shown
@@ -59,9 +58,10 @@ def norm(a) -> float | None:
     return float(torch.linalg.vector_norm(d.dense))
 
 
-def inspect(path: str, *, key_map: Mapping[str, Any] | None = None, model: arch_table.Identity | None = None) -> dict:
-    """Everything the report shows, JSON-ready. With a model's ``key_map`` (and ``model``, what it
-    is) it also says how the file matches that model, as a loader would report it."""
+def inspect(path: str, *, key_map: common.KeyMap | None = None, model: arch_table.Identity | None = None) -> dict:
+    """Everything the report shows, JSON-ready. With a model's ``key_map`` (or a function of the file's
+    module names giving it; and ``model``, what it is) it also says how the file matches that model, as
+    a loader would report it."""
     info = summarize(path)
     f = read(path)
     parsed = parse(f.tensors, file=f.name, options={"metadata": f.metadata})
@@ -96,6 +96,7 @@ def inspect(path: str, *, key_map: Mapping[str, Any] | None = None, model: arch_
         "metadata": {k: v if len(v) <= MAX_VALUE else f"{v[:MAX_VALUE]}… ({len(v)} characters)"
                      for k, v in sorted(f.metadata.items())},
     }
+    key_map = common.key_map_for(key_map, parsed.modules)
     if key_map is not None:
         m = match(parsed, key_map, file=f.name, n_file_keys=len(f.tensors))
         out["model"] = m.summary(ident, model)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -62,9 +62,9 @@ class MergeInput:
 
 def merge(inputs: Sequence[MergeInput], *, rank: int | None = None, conv_rank: int | None = None,
           clamp_quantile: float | None = None, dtype: str = "auto", device=None, svd_method: str = "exact",
-          key_map: Mapping[str, Any] | None = None) -> Result:
+          key_map: common.KeyMap | None = None) -> Result:
     """The merged file as a Result; see the module docstring. ``key_map`` (a model's: names -> keys,
-    as the loaders match) compares layers by the model weight they change, so files naming the same
+    as the loaders match, or a function of the files' module names giving them) compares layers by the model weight they change, so files naming the same
     layers differently (kohya's ldm and diffusers paths) merge; without it, by their kohya names."""
     if not inputs:
         raise LoraError("nothing to merge: give at least one LoRA")
@@ -80,7 +80,7 @@ def merge(inputs: Sequence[MergeInput], *, rank: int | None = None, conv_rank: i
     sources = [i.source if isinstance(i.source, Source) else common.load(i.source) for i in inputs]
     ratios = [float(i.ratio) for i in inputs]
     the_arch = _same_arch(sources)
-    layers_of = _same_layers(sources, key_map)
+    layers_of = _same_layers(sources, common.key_map_for(key_map, {p for s in sources for p in s.parsed.modules}))
     scales = [block_scale(s.identity, i.blocks) for s, i in zip(sources, inputs)]
     out_dtype = common.save_dtype(dtype, sources)
     dev = common.device_of(device)

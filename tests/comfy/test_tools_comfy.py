@@ -161,6 +161,25 @@ def test_convert_a_diffusers_flux_lora_to_native_names(pack, tiny_flux, family_l
             assert rel_err(got[k], want[k]) <= TOL["fp32"], k
 
 
+@pytest.mark.parametrize("family, producer", [("wan21_t2v", "peft"), ("hunyuan_video", "lycoris")])
+def test_convert_a_file_core_drops_into_one_core_loads(pack, tiny_family, family_lora, family, producer, caplog):
+    """A diffusers/PEFT Wan file and a SimpleTuner LyCORIS HunyuanVideo file, whose names core drops and
+    the loaders read through lora/dit_keys: converted, every key loads in core, as the reference ΔW."""
+    from loralab_testkit import family_loras as L
+
+    tiny = tiny_family(family)
+    kwargs = dict(algo="lora", rank=4, alpha=2.0) if producer == "lycoris" else dict(rank=4, alpha=2.0)
+    f = family_lora(tiny, producer, **kwargs)
+    want = L.full_deltas(f, L.model_shapes(tiny))
+    for to in ("comfy", "kohya"):
+        name, _ = node(pack, "LoraLabConvertLoRA").run(os.path.basename(f.path), tiny.model, to,
+                                                       f"tools/{family}")["result"]
+        got = L.core_deltas(tiny, os.path.join(os.path.dirname(f.path), *name.split("/")))
+        assert set(got) == set(want), sorted(set(got) ^ set(want))[:6]
+        for k in want:
+            assert rel_err(got[k], want[k]) <= TOL["reference_fp32"], k
+
+
 def test_convert_to_a_model_the_file_does_not_fit_is_refused(pack, comfy, tiny_sd15, tiny_flux, lora_file):
     from loralab.lora.errors import LoraError
 

@@ -33,9 +33,9 @@ MAX_VALUE = 160      # characters of a metadata value shown
 
 
 def block_of(the_arch: arch_table.Arch | None, module: str) -> str:
-    flat = arch_table.flat_name(module)
     if the_arch is not None and the_arch.blocks is not None:
-        return the_arch.blocks.of(flat) or "(no block)"
+        return the_arch.blocks.block(module) or "(no block)"
+    flat = arch_table.flat_name(module)
     m = _BLOCK.match(flat)
     return m.group(1) if m else flat
 

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import arch as arch_table
+from .. import blocks
 from ..adapters.full import Diff
 from ..adapters.lora import LoRA
 from ..errors import LoraError
@@ -254,20 +254,14 @@ def block_scale(identity, spec: str | None) -> Callable[[str], float] | None:
     """module prefix -> block weight, for per-block merging; None when no weights are given.
 
     The stack's block weights (``lora/blocks.py``: ``weights_for(arch, spec)``, a preset or a vector in
-    A1111 LoRA Block Weight's forms) placed by the file's architecture (``Arch.blocks.of(flat name)``).
+    A1111 LoRA Block Weight's forms) placed by the file's architecture (``blocks.weight_of``, any naming).
     A module in no block keeps weight 1."""
     if not spec or not str(spec).strip():
         return None
-    from .. import blocks
-
     the_arch = identity.arch if identity is not None else None
     if the_arch is None or the_arch.blocks is None:
         raise LoraError(f"no block layout is known for {the_arch.name if the_arch else 'this file'}: per-block "
                         "weights cannot be applied")
     weights = blocks.weights_for(the_arch, spec)
-
-    def scale(prefix: str) -> float:
-        block = the_arch.blocks.of(arch_table.flat_name(prefix))
-        return float(weights.get(block, 1.0)) if block is not None else 1.0
-    return scale
+    return lambda prefix: float(blocks.weight_of(the_arch.blocks, weights, prefix))
 

@@ -248,31 +248,43 @@ def model_arch(model) -> arch.Identity | None:
 
 
 def key_map(model, clip, modules=()) -> dict:
-    """File module name -> the model's target, for ``lora.patch.match``.
+    """File module name -> the model's target, for ``lora.patch.match`` (see :class:`ModelKeys`)."""
+    return ModelKeys(model, clip).for_file(modules)
 
-    ComfyUI's own maps (``comfy.lora.model_lora_keys_unet/clip``) first; then, for the ``modules`` of the
+
+class ModelKeys:
+    """A model's key maps for LoRA files.
+
+    ComfyUI's own maps (``comfy.lora.model_lora_keys_unet/clip``) first; then, for the modules of a
     file that neither they nor their kohya form (``keys.canonical``) name, LoRA Lab's
     (``lora.dit_keys.comfy_targets``: the model's module paths in any wrapper and separator, and the
     diffusers / XLabs / original names core drops for Flux, HunyuanVideo, Wan, Lumina 2 and Z-Image).
-    Where ComfyUI has a name it decides, so what core loads right loads the same.
+    Where ComfyUI has a name it decides, so what core loads right loads the same. ComfyUI's maps are
+    built once; the model's family and weight shapes once, for the first file that needs them (a
+    stack's files share both).
     """
-    km: dict = {}
-    if model is not None:
-        km = comfy.lora.model_lora_keys_unet(model.model, km)
-    if clip is not None:
-        km = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, km)
-    return with_dit_targets(km, model, modules)
 
+    def __init__(self, model, clip, ident: arch.Identity | None = None):
+        self.model = model
+        self.comfy: dict = {}
+        if model is not None:
+            self.comfy = comfy.lora.model_lora_keys_unet(model.model, self.comfy)
+        if clip is not None:
+            self.comfy = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, self.comfy)
+        self._ident = ident
+        self._shapes: dict | None = None
 
-def with_dit_targets(km: dict, model, modules) -> dict:
-    """``km`` plus LoRA Lab's targets for the file ``modules`` it does not name (see :func:`key_map`);
-    ``km`` itself is not changed."""
-    missing = [m for m in modules if m not in km and canonical(m) not in km]
-    if model is None or not missing:
-        return km
-    ident = model_arch(model)
-    shapes = {k: v.shape for k, v in model.model.state_dict().items() if k.startswith(dit_keys.UNET)}
-    return {**km, **dit_keys.comfy_targets(ident.arch if ident is not None else None, missing, shapes)}
+    def for_file(self, modules) -> dict:
+        """The map for a file with these module names (ComfyUI's own when it names them all)."""
+        missing = [m for m in modules if m not in self.comfy and canonical(m) not in self.comfy]
+        if self.model is None or not missing:
+            return self.comfy
+        if self._shapes is None:
+            self._ident = self._ident or model_arch(self.model)
+            self._shapes = {k: v.shape for k, v in self.model.model.state_dict().items()
+                            if k.startswith(dit_keys.UNET)}
+        family = self._ident.arch if self._ident is not None else None
+        return {**self.comfy, **dit_keys.comfy_targets(family, missing, self._shapes)}
 
 
 def _target_shape(root: torch.nn.Module, key) -> torch.Size | None:
@@ -326,7 +338,7 @@ def _labelled(e: LoraError, label: str) -> LoraError:
     return out
 
 
-def _prepare(item: Item, model, km: dict, roots: list, model_id, has_clip: bool, cache: dict | None) -> _Prepared:
+def _prepare(item: Item, keys: ModelKeys, roots: list, model_id, has_clip: bool, cache: dict | None) -> _Prepared:
     """Read, match and check one item against the model (raises LoraError; nothing is cloned)."""
     if isinstance(item.source, dict):
         name = "LORA_MODEL input"
@@ -335,8 +347,7 @@ def _prepare(item: Item, model, km: dict, roots: list, model_id, has_clip: bool,
         name = os.path.basename(item.source)
         sub = None if cache is None else cache.setdefault(item.source, {})
         parsed, n_keys, file_arch = _parsed(item.source, item.options, sub)
-    km = with_dit_targets(km, model, parsed.modules)
-    m = match(parsed, km, file=name, n_file_keys=n_keys, skip=() if has_clip else ("lora_te",))
+    m = match(parsed, keys.for_file(parsed.modules), file=name, n_file_keys=n_keys, skip=() if has_clip else ("lora_te",))
     patches = {}
     for t in m.targets:
         shape = next((s for s in (_target_shape(r, t.key) for r in roots) if s is not None), None)
@@ -396,14 +407,14 @@ def load_loras(model, clip, items: list[Item], *, cache: dict | None = None, byp
     dict the caller keeps between runs (parsed files by path). With ``require_match``, an item none
     of whose keys match raises with its report.
     """
-    km = key_map(model, clip)
     model_id = model_arch(model)
+    keys = ModelKeys(model, clip, model_id)
     roots = [r for r in (model.model if model is not None else None,
                          clip.cond_stage_model if clip is not None else None) if r is not None]
     prepared = []
     for item in items:
         try:
-            prepared.append(_prepare(item, model, km, roots, model_id, clip is not None, cache))
+            prepared.append(_prepare(item, keys, roots, model_id, clip is not None, cache))
         except LoraError as e:
             raise _labelled(e, item.label) from None
     if cache is not None:   # forget files no longer in the stack

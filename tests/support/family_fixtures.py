@@ -138,7 +138,9 @@ def family_models_left_as_found(request):
     mm.unload_all_models()   # unpatches every loaded clone
     for name in sorted(used):
         shared, fp = _SHARED[name]
-        changed = [k for k, v in _fingerprint(shared).items() if v != fp.get(k)]
+        # NaN == NaN here: a weight no file sets (SDXL's unused clip_l text_projection) is ComfyUI's
+        # uninitialised memory, which may hold NaNs and is no change
+        changed = [k for k, v in _fingerprint(shared).items() if v != fp.get(k) and not (v != v and fp.get(k) != fp.get(k))]
         if changed:
             _restore(name, shared, changed)
             pytest.fail(f"this test left {len(changed)} weight(s) of the shared tiny {name} changed "

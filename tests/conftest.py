@@ -55,25 +55,28 @@ def pytest_configure(config):
     config.pluginmanager.register(_RepoRootIsNotATestPackage(), "loralab-repo-root-dir")
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
+def _failing_skips(reporter) -> list:
     """A skipped test is a failure: a missing test dependency (lycoris-lora, diffusers, chromium) or a
     fixture that cannot be built must not turn a check into silence. ``LORALAB_ALLOW_SKIPS=1`` lets
     a developer run a subset on a machine that lacks something, knowingly."""
-    skipped = terminalreporter.stats.get("skipped", [])
-    if skipped and os.environ.get("LORALAB_ALLOW_SKIPS") != "1":
+    if reporter is None or os.environ.get("LORALAB_ALLOW_SKIPS") == "1":
+        return []
+    return reporter.stats.get("skipped", [])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == 0 and _failing_skips(session.config.pluginmanager.get_plugin("terminalreporter")):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = _failing_skips(terminalreporter)
+    if skipped:
         terminalreporter.write_sep("=", f"{len(skipped)} test(s) skipped: make test counts a skip as a failure "
                                         "(LORALAB_ALLOW_SKIPS=1 to allow)", red=True)
         for report in skipped[:20]:
             where, _, why = report.longrepr if isinstance(report.longrepr, tuple) else ("", "", str(report.longrepr))
             terminalreporter.write_line(f"  {report.nodeid}: {why} ({where})")
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if exitstatus == 0 and os.environ.get("LORALAB_ALLOW_SKIPS") != "1":
-        # the summary hook runs after this one; count skips here too
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None and reporter.stats.get("skipped"):
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(autouse=True)

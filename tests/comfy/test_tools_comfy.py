@@ -161,14 +161,16 @@ def test_convert_a_diffusers_flux_lora_to_native_names(pack, tiny_flux, family_l
             assert rel_err(got[k], want[k]) <= TOL["fp32"], k
 
 
-@pytest.mark.parametrize("family, producer", [("wan21_t2v", "peft"), ("hunyuan_video", "lycoris")])
+@pytest.mark.parametrize("family, producer", [("wan21_t2v", "peft"), ("hunyuan_video", "lycoris"), ("flux", "xlabs"),
+                                              ("wan21_t2v", "kohya_mixed")])
 def test_convert_a_file_core_drops_into_one_core_loads(pack, tiny_family, family_lora, family, producer, caplog):
-    """A diffusers/PEFT Wan file and a SimpleTuner LyCORIS HunyuanVideo file, whose names core drops and
-    the loaders read through lora/dit_keys: converted, every key loads in core, as the reference ΔW."""
+    """Files whose names core drops and the loaders read through lora/dit_keys (diffusers/PEFT Wan,
+    SimpleTuner LyCORIS HunyuanVideo, XLabs Flux, kohya Wan with mixed separators): converted, every key
+    loads in core, as the reference ΔW."""
     from loralab_testkit import family_loras as L
 
     tiny = tiny_family(family)
-    kwargs = dict(algo="lora", rank=4, alpha=2.0) if producer == "lycoris" else dict(rank=4, alpha=2.0)
+    kwargs = {"lycoris": dict(algo="lora", rank=4, alpha=2.0), "xlabs": dict(rank=4)}.get(producer, dict(rank=4, alpha=2.0))
     f = family_lora(tiny, producer, **kwargs)
     want = L.full_deltas(f, L.model_shapes(tiny))
     for to in ("comfy", "kohya"):
